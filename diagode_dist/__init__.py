@@ -1,0 +1,17 @@
+"""diagode-dist: train the diagonal of large linear ODE systems with exact adjoint gradients.
+
+    import diagode_dist as dd
+    prob = dd.Problem(A0, F, labels, T=2.0, beta=10.0)
+    loss, grad = dd.loss_and_grad(prob, theta)
+    theta, history = dd.fit(prob, theta0, epochs=20, lr=1e-3)
+"""
+
+from .adjoint import loss_and_grad, loss_grad_sums
+from .param import DiagonalParam, ExpParam, SoftplusParam
+from .problem import Problem, demo_problem
+
+__all__ = [
+    "Problem", "demo_problem", "SoftplusParam", "ExpParam", "DiagonalParam",
+    "loss_and_grad", "loss_grad_sums",
+]
+__version__ = "0.1.0"

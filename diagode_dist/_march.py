@@ -1,0 +1,167 @@
+"""Forward and adjoint marches of one chunk of columns across error-controlled sub-steps.
+
+Each column takes its own steps: an interval ends at the column's next observation time when
+the Krylov error estimate allows, else earlier (Expokit's error per unit time: the tolerance of
+a step of length tau is rtol * tau / T, so errors summed over steps stay within rtol). A
+column's steps depend only on that column, so results do not depend on chunking or sharding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._array import array_module, to_numpy
+from .krylov import Projection, arnoldi, combine, exp_and_error
+from .time_integral import trapezoid, van_loan
+
+MAX_STEPS = 100_000
+_SHRINK_TRIES = 60
+
+
+@dataclass
+class Interval:
+    """One sub-step of a set of columns (indices into the chunk)."""
+
+    columns: np.ndarray  # (c_q,) host ints
+    tau: np.ndarray  # (c_q,) host step lengths
+    start: object  # (c_q, N) state u(t_q) the basis was built from
+    projection: Projection | None  # kept when it fits in memory, else rebuilt
+    dims: np.ndarray  # (c_q,) forward Krylov dimensions
+    stop: np.ndarray  # (c_q,) index of the observation reached at t_{q+1}, or -1
+
+
+@dataclass
+class Accuracy:
+    """Per-column accumulated relative error estimates and largest dimensions, for ``info``."""
+
+    forward: np.ndarray
+    adjoint: np.ndarray
+    forward_dim: int = 0
+    adjoint_dim: int = 0
+    steps: int = 0
+
+
+def _acceptor(norms, tau, tol, n_rows):
+    """``accept`` for arnoldi: error estimate at step tau below tol * ||v(tau)[:n_rows]||."""
+
+    def accept(hessenberg, basis):
+        y, err = exp_and_error(hessenberg, hessenberg[:, -1, -1], norms, tau)
+        size = array_module(y).linalg.norm(combine(basis[:, :, :n_rows], y), axis=1)
+        return to_numpy(err <= tol * size)
+
+    return accept
+
+
+def _relative_error(proj, tau, n_rows):
+    """y and err / ||v(tau)[:n_rows]|| per column at steps tau."""
+    xp = array_module(proj.norms)
+    y, err = exp_and_error(proj.hessenberg, proj.next_subdiag, proj.norms, xp.asarray(tau))
+    size = xp.linalg.norm(combine(proj.basis[:, :, :n_rows], y), axis=1)
+    rel = xp.where(size > 0, err / xp.where(size > 0, size, 1.0), err)
+    return y, to_numpy(rel)
+
+
+def _choose_steps(proj, remaining, T, rtol, n_rows):
+    """Per-column step: the whole remaining time if the estimate allows, else shrink.
+
+    Returns host tau (c,) and the coefficients y (c, m) at those steps, and relative errors.
+    """
+    tau = remaining.copy()
+    y, rel = _relative_error(proj, tau, n_rows)
+    m = max(int(proj.basis.shape[0]), 1)
+    for _ in range(_SHRINK_TRIES):
+        tol = rtol * tau / T
+        bad = rel > tol
+        if not bad.any():
+            break
+        ratio = np.where(rel[bad] > 0, tol[bad] / np.maximum(rel[bad], 1e-300), 1.0)
+        tau[bad] *= np.clip(0.9 * ratio ** (1.0 / m), 0.05, 0.9)
+        y, rel = _relative_error(proj, tau, n_rows)
+    return tau, y, rel
+
+
+def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes):
+    """Integrate u' = Â u from u0 (c, N) to every observation time.
+
+    make_apply(rows) -> callable (c_q, N) -> (c_q, N): the augmented operator for those columns.
+
+    Returns the observed states (m_obs, c, n) (n = N - 1: the augmented row dropped),
+    the list of Intervals, and the per-column Accuracy.
+    """
+    xp = array_module(u0)
+    c, N = u0.shape
+    obs = np.asarray(obs_times, dtype=float)
+    states = xp.empty((obs.size, c, N - 1), dtype=u0.dtype)
+    t, next_obs, u = np.zeros(c), np.zeros(c, dtype=np.int64), u0
+    acc = Accuracy(np.zeros(c), np.zeros(c))
+    intervals, kept, active = [], 0, np.arange(c)
+    while active.size:
+        if len(intervals) >= MAX_STEPS:
+            raise RuntimeError(f"more than {MAX_STEPS} Krylov sub-steps: increase k")
+        start = u[active] if active.size < c else u
+        remaining = obs[next_obs[active]] - t[active]
+        norms = xp.linalg.norm(start, axis=1)
+        tol = xp.asarray(rtol * remaining / T)
+        proj = arnoldi(make_apply(active), start, k,
+                       accept=_acceptor(norms, xp.asarray(remaining), tol, N - 1))
+        tau, y, rel = _choose_steps(proj, remaining, T, rtol, N - 1)
+        reached = tau >= remaining
+        u_new = combine(proj.basis, y)
+        u = u.copy() if u is u0 else u
+        u[active] = u_new
+        observed = active[reached]
+        states[next_obs[observed], observed] = u_new[xp.asarray(np.nonzero(reached)[0]), : N - 1]
+        t[active] = np.where(reached, obs[next_obs[active]], t[active] + tau)
+        stop = np.where(reached, next_obs[active], -1)
+        next_obs[observed] += 1
+        kept += proj.basis.nbytes
+        intervals.append(Interval(active, tau, start, proj if kept <= keep_bytes else None,
+                                  proj.dims, stop))
+        acc.forward[active] += rel
+        acc.forward_dim = max(acc.forward_dim, int(proj.dims.max()))
+        active = active[next_obs[active] < obs.size]
+    acc.steps = len(intervals)
+    return states, intervals, acc
+
+
+def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
+                  time_integral="vanloan", quad_points=32):
+    """March the adjoint back across the intervals and sum the exact interval integrals.
+
+    jumps : (m_obs, c, n) dL/dx at the observation times; apply_T: (c_q, n) -> (c_q, n), A^T on
+    rows. Returns dL/dd (n,), summed over the chunk's columns in a fixed order.
+    """
+    xp = array_module(jumps)
+    c = jumps.shape[1]
+    lam = xp.zeros((c, n), dtype=jumps.dtype)
+    grad = xp.zeros(n, dtype=jumps.dtype)
+    for iv in reversed(intervals):
+        hit = iv.stop >= 0
+        if hit.any():
+            lam[iv.columns[hit]] += jumps[iv.stop[hit], iv.columns[hit]]
+        tau = xp.asarray(iv.tau)
+        start = lam[iv.columns]
+        norms = xp.linalg.norm(start, axis=1)
+        adj = arnoldi(apply_T, start, k,
+                      accept=_acceptor(norms, tau, xp.asarray(rtol * iv.tau / T), n))
+        _, rel = _relative_error(adj, iv.tau, n)
+        acc.adjoint[iv.columns] += rel
+        acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
+        fwd = iv.projection or arnoldi(make_apply(iv.columns), iv.start, k,
+                                       fixed_dims=iv.dims)
+        if time_integral == "vanloan":
+            M, carry = van_loan(adj.square, fwd.square, tau)
+        else:
+            M, carry = trapezoid(adj.square, fwd.square, tau, quad_points)
+        M = M * (adj.norms * fwd.norms)[:, None, None]
+        grad += _contract(adj.basis, M, fwd.basis[:, :, :n])
+        lam[iv.columns] = combine(adj.basis, adj.norms[:, None] * carry)
+    return grad
+
+
+def _contract(adjoint_basis, M, forward_basis):
+    """sum_c rowsum((W_c M_c) ⊙ V_c): W (ma, c, n), M (c, ma, mf), V (mf, c, n) -> (n,)."""
+    WM = M.transpose(0, 2, 1) @ adjoint_basis.transpose(1, 0, 2)  # (c, mf, n)
+    return (WM * forward_basis.transpose(1, 0, 2)).sum(axis=(0, 1))

@@ -1,0 +1,187 @@
+"""Loss and exact adjoint gradient with respect to theta.
+
+    dL/dd_i = sum_j ∫_0^T lambda_j(t)_i x_j(t)_i dt,   dL/dtheta = d'(theta) ⊙ dL/dd
+
+with x_j from the forward Krylov march and lambda_j from the adjoint march on A^T, the time
+integral exact per sub-step (Van Loan). See DESIGN.md sections 1-3.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+
+import numpy as np
+
+from ._array import array_module, to_module
+from ._march import Accuracy, march_adjoint, march_forward
+from .param import SoftplusParam, check_param
+from .problem import Problem, check_columns
+
+DEFAULT_RTOL = 1e-12
+"""Default relative tolerance of the Krylov error control (near machine precision)."""
+
+_KEEP_BYTES = 1 << 30  # forward bases kept per chunk; beyond this they are rebuilt
+
+
+def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
+                  rtol: float = DEFAULT_RTOL, max_chunk_columns: int | None = None,
+                  time_integral: str = "vanloan", quad_points: int = 32,
+                  return_info: bool = False):
+    """Mean loss over the chosen columns and its exact gradient with respect to theta.
+
+    Parameters
+    ----------
+    prob : Problem
+    theta : (n,) array (NumPy or CuPy)
+    param : diagonal map, default ``SoftplusParam()``
+    k : maximum Krylov dimension per sub-step (each column stops earlier once its error
+        estimate meets ``rtol``; sub-steps are taken when k is too small for one step)
+    columns : int sequence or None (all columns)
+    rtol : relative accuracy target of each Krylov projection, summed over sub-steps
+    max_chunk_columns : columns processed at once (bounds memory); default from free memory
+    time_integral : "vanloan" (exact) or "trapezoid" (the seed package's rule, for comparison)
+    quad_points : trapezoid points per sub-step when time_integral="trapezoid"
+    return_info : also return a dict with dimensions, sub-steps and error estimates
+
+    Returns
+    -------
+    loss : float
+    grad : (n,) array of theta's module
+    info : dict, only with ``return_info=True``
+    """
+    loss_sum, grad_sum, count, info = loss_grad_sums(
+        prob, theta, param, columns, k, rtol, max_chunk_columns, time_integral, quad_points)
+    loss, grad = loss_sum / count, grad_sum / count
+    return (loss, grad, info) if return_info else (loss, grad)
+
+
+def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
+                   rtol: float = DEFAULT_RTOL, max_chunk_columns: int | None = None,
+                   time_integral: str = "vanloan", quad_points: int = 32):
+    """Sums (not means) over the chosen columns: what a shard pushes to the parameter server.
+
+    Returns (loss_sum: float, grad_sum: (n,) array like theta, count: int, info: dict), with
+    ``loss_and_grad == (loss_sum / count, grad_sum / count)``.
+    """
+    if not isinstance(prob, Problem):
+        raise TypeError(f"prob must be a diagode_dist.Problem, got {type(prob).__name__}")
+    param = SoftplusParam() if param is None else param
+    check_param(param)
+    _check_options(k, rtol, max_chunk_columns, time_integral, quad_points)
+    cols = check_columns(columns, prob.S)
+    theta_module = array_module(theta)
+    theta_dev = _check_theta(theta, prob)
+    d = param.diag_from_theta(theta_dev)
+    if not bool(prob.xp.isfinite(d).all()):
+        raise ValueError("theta gives a non-finite diagonal d(theta) (overflow in the param map)")
+    chunk = max_chunk_columns or _default_chunk(prob, k)
+    loss_sum, grad_d, acc = 0.0, prob.xp.zeros(prob.n, dtype=d.dtype), []
+    for lo in range(0, cols.size, chunk):
+        part = _chunk_loss_grad(prob, d, cols[lo: lo + chunk], k, rtol, time_integral,
+                                quad_points)
+        loss_sum += part[0]
+        grad_d = grad_d + part[1]
+        acc.append(part[2])
+    grad = param.dtheta_from_ddiag(theta_dev, grad_d)
+    return loss_sum, to_module(grad, theta_module), int(cols.size), _info(acc, rtol, k)
+
+
+def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points):
+    """Loss sum, dL/dd sum and accuracy record of one chunk of columns."""
+    xp, n = prob.xp, prob.n
+    forcing = xp.ascontiguousarray(prob.F[:, xp.asarray(cols)].T)  # (c, n)
+    u0 = xp.zeros((cols.size, n + 1), dtype=forcing.dtype)
+    if prob.x0 is not None:
+        u0[:, :n] = prob.x0[:, xp.asarray(cols)].T
+    u0[:, n] = 1.0
+
+    def make_apply(rows):
+        f_rows = forcing[xp.asarray(rows)] if rows.size < cols.size else forcing
+
+        def apply(v):  # augmented operator [[A, f], [0, 0]] on rows v = [x, s]
+            x = v[:, :n]
+            out = xp.empty_like(v)
+            out[:, :n] = (prob.A0 @ x.T).T + d * x + v[:, n:] * f_rows
+            out[:, n] = 0.0
+            return out
+
+        return apply
+
+    def apply_T(v):  # A^T = A0^T + diag(d) on rows v
+        return (prob.A0T @ v.T).T + d * v
+
+    states, intervals, acc = march_forward(make_apply, u0, prob.loss.obs_times, prob.T, k,
+                                           rtol, _KEEP_BYTES)
+    loss, jumps = prob.loss.evaluate(states, cols)
+    grad_d = march_adjoint(make_apply, apply_T, intervals, jumps, n, prob.T, k, rtol, acc,
+                           time_integral, quad_points)
+    return float(loss.sum()), grad_d, acc
+
+
+def _info(accs: list[Accuracy], rtol, k) -> dict:
+    fwd = np.concatenate([a.forward for a in accs])
+    adj = np.concatenate([a.adjoint for a in accs])
+    estimate = float(max(fwd.max(), adj.max()))
+    return {
+        "error_estimate": estimate,
+        "forward_error_estimate": float(fwd.max()),
+        "adjoint_error_estimate": float(adj.max()),
+        "rtol": rtol,
+        "rtol_met": bool(estimate <= rtol * (1 + 1e-9)),
+        "forward_dim": max(a.forward_dim for a in accs),
+        "adjoint_dim": max(a.adjoint_dim for a in accs),
+        "k": k,
+        "substeps": max(a.steps for a in accs),
+    }
+
+
+def _check_theta(theta, prob):
+    if not hasattr(theta, "shape") or not hasattr(theta, "dtype"):
+        raise TypeError(f"theta must be an array of shape ({prob.n},), got {type(theta).__name__}")
+    if theta.shape != (prob.n,):
+        raise ValueError(f"theta must have shape (n,) = ({prob.n},), got {theta.shape}")
+    if theta.dtype.kind != "f":
+        raise TypeError(f"theta must be a float array, got dtype {theta.dtype}")
+    theta = to_module(theta, prob.xp)
+    if not bool(prob.xp.isfinite(theta).all()):
+        raise ValueError("theta contains NaN or inf")
+    return theta
+
+
+def _check_options(k, rtol, max_chunk_columns, time_integral, quad_points):
+    _check_int(k, "k", 1)
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 < rtol < 1:
+        raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}")
+    if max_chunk_columns is not None:
+        _check_int(max_chunk_columns, "max_chunk_columns", 1)
+    if time_integral not in ("vanloan", "trapezoid"):
+        raise ValueError(f"time_integral must be 'vanloan' or 'trapezoid', got {time_integral!r}")
+    _check_int(quad_points, "quad_points", 2)
+
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _default_chunk(prob, k) -> int:
+    """Columns per chunk from free memory: about three bases of (k+1)(n+1) doubles per column."""
+    per_column = 3 * (k + 1) * (prob.n + 1) * 8
+    if prob.xp is np:
+        budget = min(_available_host_bytes() // 4, 2 << 30)
+    else:  # pragma: no cover - GPU only
+        free, _ = prob.xp.cuda.runtime.memGetInfo()
+        budget = free // 3
+    return max(1, int(budget // per_column))
+
+
+def _available_host_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -1,0 +1,150 @@
+"""Batched Arnoldi (CGS2) with per-column truncation, and the a posteriori error estimate.
+
+All columns of a chunk are processed together: vectors are stored as rows, the basis of a
+chunk is an array ``basis`` of shape (m, c, N) (Krylov index, column, state), so that one
+operator product acts on all columns at once (one GEMM for a dense operator) and every
+projection is a batched matvec. There is no Python loop over columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._array import array_module, to_numpy
+from .expm import expm_batched
+
+BREAKDOWN_RTOL = 1e-12
+"""A column breaks down ("happy breakdown") when h_{j+1,j} <= BREAKDOWN_RTOL * ||A v_j||."""
+
+
+@dataclass
+class Projection:
+    """Krylov projections of a chunk of columns.
+
+    basis : (m, c, N)  orthonormal basis vectors of each column, zero beyond its dimension
+    hessenberg : (c, m + 1, m)  projected operator; rows/columns beyond a column's dimension
+        are zero, so exp of its square part acts on that column's own dimension only
+    next_subdiag : (c,)  h_{m+1,m} of the columns that used all m dimensions (else 0)
+    norms : (c,)  norm of each start vector
+    dims : (c,) host ints, each column's own Krylov dimension
+    converged : (c,) host bools, True where ``accept`` (or a breakdown) ended the column
+    """
+
+    basis: object
+    hessenberg: object
+    next_subdiag: object
+    norms: object
+    dims: np.ndarray
+    converged: np.ndarray
+
+    @property
+    def square(self):
+        """(c, m, m) square part of the Hessenberg matrices."""
+        return self.hessenberg[:, :-1, :]
+
+
+def arnoldi(apply, start, k_max: int, accept=None, check_every: int = 4,
+            fixed_dims=None) -> Projection:
+    """Batched Arnoldi with classical Gram-Schmidt applied twice.
+
+    Parameters
+    ----------
+    apply : callable, (c, N) -> (c, N)
+        The operator applied to every row.
+    start : (c, N) start vectors (any norm; a zero vector gives a zero projection).
+    k_max : maximum Krylov dimension (capped at N).
+    accept : callable (hessenberg (c, m+1, m), basis (m, c, N)) -> host bool (c,), optional
+        Says which columns meet their error estimate at dimension m. It is asked every
+        ``check_every`` dimensions and at ``k_max``; an accepted column keeps dimension m.
+        Without it every column runs to ``k_max`` (or its breakdown).
+    fixed_dims : (c,) host ints, optional
+        Rebuild a projection whose dimensions are known (no checks): identical floats.
+    """
+    xp = array_module(start)
+    c, N = start.shape
+    k_max = int(min(k_max, N))
+    basis = xp.zeros((k_max + 1, c, N), dtype=start.dtype)
+    hess = xp.zeros((c, k_max + 1, k_max), dtype=start.dtype)
+    norms = xp.linalg.norm(start, axis=1)
+    basis[0] = _divide_rows(start, norms, xp)
+    if fixed_dims is not None:
+        k_max = int(np.max(fixed_dims))
+    dims = np.full(c, k_max)
+    done = np.zeros(c, dtype=bool)
+    m = k_max
+    for j in range(k_max):
+        w = apply(basis[j])
+        scale = xp.linalg.norm(w, axis=1)
+        h, w = _cgs2(basis[: j + 1], w)
+        h_next = xp.linalg.norm(w, axis=1)
+        broken = h_next <= BREAKDOWN_RTOL * scale
+        h_next = xp.where(broken, 0.0, h_next)
+        hess[:, : j + 1, j] = h
+        hess[:, j + 1, j] = h_next
+        basis[j + 1] = _divide_rows(w, h_next, xp)
+        # A breakdown means an invariant subspace: exact at this dimension.
+        newly = to_numpy(broken) & ~done
+        if accept is not None and ((j + 1) % check_every == 0 or j + 1 == k_max):
+            newly |= np.asarray(accept(hess[:, : j + 2, : j + 1], basis[: j + 1])) & ~done
+        dims[newly] = j + 1
+        done |= newly
+        if done.all():
+            m = j + 1
+            break
+    if fixed_dims is not None:
+        dims, done = np.asarray(fixed_dims).copy(), np.ones(c, dtype=bool)
+    return _truncate(basis, hess, norms, dims, done, m, xp)
+
+
+def _truncate(basis, hess, norms, dims, converged, m, xp) -> Projection:
+    next_subdiag = hess[:, m, m - 1] * xp.asarray(dims == m)
+    d = xp.asarray(dims)[:, None, None]
+    keep = (xp.arange(m + 1)[None, :, None] < d) & (xp.arange(m)[None, None, :] < d)
+    hessenberg = hess[:, : m + 1, :m] * keep
+    return Projection(basis[:m], hessenberg, next_subdiag, norms, dims, converged)
+
+
+def _cgs2(basis, w):
+    """Orthogonalise rows of w (c, N) against basis (j, c, N), twice. Returns (c, j), (c, N)."""
+    h = project(basis, w)
+    w = w - combine(basis, h)
+    h2 = project(basis, w)
+    return h + h2, w - combine(basis, h2)
+
+
+def project(basis, w):
+    """Coefficients <v_i, w> per column: basis (m, c, N), w (c, N) -> (c, m)."""
+    return (basis.transpose(1, 0, 2) @ w[:, :, None])[:, :, 0]
+
+
+def combine(basis, coeffs):
+    """Sum_i coeffs[:, i] v_i per column: basis (m, c, N), coeffs (c, m) -> (c, N)."""
+    return (coeffs[:, None, :] @ basis.transpose(1, 0, 2))[:, 0, :]
+
+
+def _divide_rows(w, norms, xp):
+    """w / norms row by row, with exact zeros where the norm is zero."""
+    safe = xp.where(norms > 0, norms, 1.0)
+    return w * (xp.where(norms > 0, 1.0, 0.0) / safe)[:, None]
+
+
+def exp_and_error(hessenberg, next_subdiag, norms, tau):
+    """Projected solution and error estimate of ``exp(tau A) v`` for every column.
+
+    With H the square Hessenberg matrix, beta = ||v||, h = h_{m+1,m}:
+        y   = beta exp(tau H) e1                          (c, m)  coefficients in the basis
+        err = beta tau h |e_m^T phi1(tau H) e1|           (c,)    (Saad 1992; Expokit's expv)
+    both read off one exponential of the augmented matrix [[tau H, e1], [0, 0]].
+    ``tau`` is (c,): each column may take its own step.
+    """
+    xp = array_module(hessenberg)
+    c, _, m = hessenberg.shape
+    block = xp.zeros((c, m + 1, m + 1), dtype=hessenberg.dtype)
+    block[:, :m, :m] = tau[:, None, None] * hessenberg[:, :m, :]
+    block[:, 0, m] = 1.0
+    E = expm_batched(block)
+    y = norms[:, None] * E[:, :m, 0]
+    err = norms * tau * xp.abs(next_subdiag) * xp.abs(E[:, m - 1, m])
+    return y, err

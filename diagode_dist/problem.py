@@ -1,0 +1,188 @@
+"""The problem: dx_j/dt = (A0 + diag(d)) x_j + f_j over columns j, and its loss.
+
+``Problem`` holds and validates the data; it computes nothing expensive.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ._array import array_module, is_sparse, sparse_to_module, to_module, to_numpy
+from .losses import Classification
+
+
+class Problem:
+    """A linear ODE system with one column (trajectory) per right-hand side.
+
+    Parameters
+    ----------
+    A0 : (n, n) array or sparse matrix (SciPy / CuPy CSR), float
+        Fixed base operator, never modified. The trained diagonal is added to it.
+    F : (n, S) array, float
+        Constant forcing, one column per trajectory. S >= 1.
+    labels : (S,) integer array, values in [0, n)
+        Class of each column for the classification loss.
+    T : float > 0
+        Final time (same time unit as 1/A).
+    beta : float
+        Logit scale: z_j = beta * x_j(T).
+    x0 : (n, S) array or None
+        Initial states (default zero).
+
+    The array module (NumPy or CuPy) is taken from ``F``; ``A0`` and ``x0`` must live there too.
+    """
+
+    def __init__(self, A0, F, labels, T: float = 2.0, beta: float = 10.0, x0=None):
+        self.xp = xp = array_module(F)
+        self.F = _float_matrix(F, "F", xp)
+        n, S = self.F.shape
+        if S < 1 or n < 1:
+            raise ValueError(f"F must have at least one row and one column, got shape {F.shape}")
+        self.A0 = _operator(A0, n, xp)
+        self.x0 = None if x0 is None else _float_matrix(x0, "x0", xp, shape=(n, S))
+        self.T = _positive_time(T)
+        self.beta = _finite_real(beta, "beta")
+        labels = _labels(labels, n, S)
+        self.loss = Classification(to_module(labels, xp), self.beta, self.T)
+        self._labels_host = labels
+        # A0^T once, as CSR when sparse, so adjoint products are as fast as forward ones.
+        self.A0T = self.A0.T.tocsr() if is_sparse(self.A0) else self.A0.T
+
+    @property
+    def n(self) -> int:
+        """State dimension."""
+        return self.F.shape[0]
+
+    @property
+    def S(self) -> int:
+        """Number of columns (right-hand sides)."""
+        return self.F.shape[1]
+
+    n_columns = S
+
+    @property
+    def labels(self):
+        """(S,) integer labels, on the problem's device."""
+        return self.loss.labels
+
+    def select(self, columns) -> Problem:
+        """A problem with only the given columns (A0 shared, not copied)."""
+        cols = check_columns(columns, self.S)
+        sub = object.__new__(Problem)
+        sub.__dict__.update(self.__dict__)
+        sub.F = self.F[:, cols]
+        sub.x0 = None if self.x0 is None else self.x0[:, cols]
+        sub._labels_host = self._labels_host[cols]
+        sub.loss = Classification(to_module(sub._labels_host, self.xp), self.beta, self.T)
+        return sub
+
+    def to_device(self, xp) -> Problem:
+        """The same problem with its arrays moved to ``xp`` (``numpy`` or ``cupy``)."""
+        if xp is self.xp:
+            return self
+        move = (lambda A: sparse_to_module(A, xp)) if is_sparse(self.A0) else (
+            lambda A: to_module(A, xp))
+        x0 = None if self.x0 is None else to_module(self.x0, xp)
+        return Problem(move(self.A0), to_module(self.F, xp), self._labels_host, self.T,
+                       self.beta, x0)
+
+    def __repr__(self) -> str:
+        kind = "sparse" if is_sparse(self.A0) else "dense"
+        return (f"Problem(n={self.n}, S={self.S}, T={self.T}, beta={self.beta}, A0={kind}, "
+                f"backend={self.xp.__name__})")
+
+
+def demo_problem(n: int = 256, S: int = 64, T: float = 2.0, beta: float = 10.0,
+                 scale: float = 0.01, seed: int = 0, sparse: bool = False) -> Problem:
+    """The seed package's classification demo.
+
+    A0 = scale * randn(n, n) with a zero diagonal, F = randn(n, S), labels uniform in [0, n).
+    Start training from ``theta0 = np.zeros(n)``.
+    """
+    rng = np.random.default_rng(seed)
+    A0 = scale * rng.standard_normal((n, n))
+    np.fill_diagonal(A0, 0.0)
+    F = rng.standard_normal((n, S))
+    labels = rng.integers(0, n, size=S)
+    if sparse:
+        import scipy.sparse as sp
+        A0 = sp.csr_matrix(A0)
+    return Problem(A0, F, labels, T=T, beta=beta)
+
+
+def check_columns(columns, S: int) -> np.ndarray:
+    """Validate a column selection; returns a host int64 array (None means all columns)."""
+    if columns is None:
+        return np.arange(S)
+    cols = to_numpy(columns)
+    if cols.ndim != 1 or cols.size == 0:
+        raise ValueError(f"columns must be a non-empty 1-D sequence of ints, got shape {cols.shape}")
+    if not np.issubdtype(cols.dtype, np.integer):
+        raise TypeError(f"columns must be integers, got dtype {cols.dtype}")
+    if cols.min() < 0 or cols.max() >= S:
+        raise ValueError(f"columns must lie in [0, {S}), got range [{cols.min()}, {cols.max()}]")
+    return cols.astype(np.int64)
+
+
+def _float_matrix(x, name, xp, shape=None):
+    if is_sparse(x):
+        raise TypeError(f"{name} must be a dense array, got a sparse matrix")
+    if array_module(x) is not xp:
+        raise TypeError(f"{name} must live on the same device as F ({xp.__name__})")
+    x = xp.asarray(x)
+    if x.dtype.kind not in "fiu" or x.dtype == bool:
+        raise TypeError(f"{name} must be a real numeric array, got dtype {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {x.shape}")
+    if shape is not None and x.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
+    x = x.astype(xp.float64 if x.dtype.kind in "iu" else x.dtype, copy=False)
+    if not bool(xp.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+def _operator(A0, n, xp):
+    if array_module(A0) is not xp:
+        raise TypeError(f"A0 must live on the same device as F ({xp.__name__})")
+    if is_sparse(A0):
+        if A0.shape != (n, n):
+            raise ValueError(f"A0 must be square (n, n) = ({n}, {n}) to match F, got {A0.shape}")
+        if A0.dtype.kind not in "fiu":
+            raise TypeError(f"A0 must be real, got dtype {A0.dtype}")
+        A = sparse_to_module(A0, xp).astype(xp.float64 if A0.dtype.kind in "iu" else A0.dtype)
+        if not bool(xp.isfinite(A.data).all()):
+            raise ValueError("A0 contains NaN or inf")
+        return A
+    if not hasattr(A0, "shape") or getattr(A0, "ndim", 0) != 2 or A0.shape[0] != A0.shape[1]:
+        raise ValueError(f"A0 must be a square 2-D matrix, got shape {getattr(A0, 'shape', None)}")
+    return _float_matrix(A0, "A0", xp, shape=(n, n))
+
+
+def _positive_time(T):
+    T = _finite_real(T, "T")
+    if T <= 0:
+        raise ValueError(f"T must be > 0, got {T}")
+    return T
+
+
+def _finite_real(x, name):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not np.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
+def _labels(labels, n, S):
+    lab = to_numpy(labels)
+    if lab.ndim != 1 or lab.shape[0] != S:
+        raise ValueError(f"labels must have shape (S,) = ({S},), got {lab.shape}")
+    if not np.issubdtype(lab.dtype, np.integer):
+        raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
+    if lab.min() < 0 or lab.max() >= n:
+        raise ValueError(f"labels must lie in [0, n) = [0, {n}), got [{lab.min()}, {lab.max()}]")
+    return lab.astype(np.int64)
