@@ -7,11 +7,13 @@
 """
 
 from .adjoint import loss_and_grad, loss_grad_sums
+from .optim import Adam
 from .param import DiagonalParam, ExpParam, SoftplusParam
 from .problem import Problem, demo_problem
+from .train import epoch_batches, fit
 
 __all__ = [
     "Problem", "demo_problem", "SoftplusParam", "ExpParam", "DiagonalParam",
-    "loss_and_grad", "loss_grad_sums",
+    "loss_and_grad", "loss_grad_sums", "fit", "epoch_batches", "Adam",
 ]
 __version__ = "0.1.0"

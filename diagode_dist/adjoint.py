@@ -64,14 +64,10 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
     Returns (loss_sum: float, grad_sum: (n,) array like theta, count: int, info: dict), with
     ``loss_and_grad == (loss_sum / count, grad_sum / count)``.
     """
-    if not isinstance(prob, Problem):
-        raise TypeError(f"prob must be a diagode_dist.Problem, got {type(prob).__name__}")
-    param = SoftplusParam() if param is None else param
-    check_param(param)
-    _check_options(k, rtol, max_chunk_columns, time_integral, quad_points)
+    param, theta_dev = check_inputs(prob, theta, param, k, rtol, max_chunk_columns,
+                                    time_integral, quad_points)
     cols = check_columns(columns, prob.S)
     theta_module = array_module(theta)
-    theta_dev = _check_theta(theta, prob)
     d = param.diag_from_theta(theta_dev)
     if not bool(prob.xp.isfinite(d).all()):
         raise ValueError("theta gives a non-finite diagonal d(theta) (overflow in the param map)")
@@ -85,6 +81,17 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
         acc.append(part[2])
     grad = param.dtheta_from_ddiag(theta_dev, grad_d)
     return loss_sum, to_module(grad, theta_module), int(cols.size), _info(acc, rtol, k)
+
+
+def check_inputs(prob, theta, param=None, k=30, rtol=DEFAULT_RTOL, max_chunk_columns=None,
+                 time_integral="vanloan", quad_points=32):
+    """Validate everything before any work. Returns (param, theta on the problem's device)."""
+    if not isinstance(prob, Problem):
+        raise TypeError(f"prob must be a diagode_dist.Problem, got {type(prob).__name__}")
+    param = SoftplusParam() if param is None else param
+    check_param(param)
+    _check_options(k, rtol, max_chunk_columns, time_integral, quad_points)
+    return param, _check_theta(theta, prob)
 
 
 def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points):

@@ -118,7 +118,8 @@ def check_columns(columns, S: int) -> np.ndarray:
         return np.arange(S)
     cols = to_numpy(columns)
     if cols.ndim != 1 or cols.size == 0:
-        raise ValueError(f"columns must be a non-empty 1-D sequence of ints, got shape {cols.shape}")
+        raise ValueError(
+            f"columns must be a non-empty 1-D sequence of ints, got shape {cols.shape}")
     if not np.issubdtype(cols.dtype, np.integer):
         raise TypeError(f"columns must be integers, got dtype {cols.dtype}")
     if cols.min() < 0 or cols.max() >= S:

@@ -41,7 +41,6 @@ def trapezoid(G, H, tau, quad_points: int):
     """
     xp = array_module(G)
     c, ma, _ = G.shape
-    mf = H.shape[-1]
     frac = xp.linspace(0.0, 1.0, quad_points)
     s = tau[:, None] * frac[None, :]  # (c, Q) forward times
     y = expm_batched(s[:, :, None, None] * H[:, None])[..., 0]  # (c, Q, mf)

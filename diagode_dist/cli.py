@@ -1,0 +1,529 @@
+"""The ``diagode-dist`` command: demo, train, status, result and bench.
+
+    diagode-dist demo [--out DIR] [--epochs N] [--n N] [--S S] [--workers W] ...
+    diagode-dist train CONFIG.toml [--scheduler ADDRESS | --scheduler-file FILE | --slurm ...]
+    diagode-dist status RUN_ID (--scheduler ADDRESS | --scheduler-file FILE)
+    diagode-dist result RUN_ID (--scheduler ADDRESS | --scheduler-file FILE) [--out DIR] [--wait]
+    diagode-dist bench [...]        (see ``diagode-dist bench --help``)
+
+User errors (a bad config, a missing file, an unreachable scheduler, a failed run) end with one
+line on stderr and exit status 1; ``--traceback`` shows the Python traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diagode_dist.config import SlurmOptions, TrainConfig, check_slurm_options, load_config
+from diagode_dist.report import write_outputs
+
+__all__ = ["main"]
+
+PROG = "diagode-dist"
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+# The demo problem of the README (DESIGN.md / issue 2): n = 256, S = 64, T = 2, beta = 10.
+DEMO_DEFAULTS = {"n": 256, "S": 64, "epochs": 20, "batch_size": 32, "lr": 0.05, "k": 30, "seed": 0}
+
+# What a user can get wrong: reported as one line, not a traceback.
+_USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+
+_log = logging.getLogger("diagode_dist.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # bench has its own parser: forward everything after it
+        from diagode_dist.bench import main as bench_main
+
+        return int(bench_main(argv[1:]) or 0)
+    args = _build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _USER_ERRORS as err:
+        if args.traceback:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+# ---- argument parsing -------------------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train the diagonal of large linear ODE systems with exact Krylov adjoint "
+        "gradients, on a Dask cluster.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
+    common.add_argument("-v", "--verbose", action="store_true", help="log Dask's messages too")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="train the demo problem on an embedded local cluster",
+        description="Build the demo problem (A0 = 0.01 randn, zero diagonal; F = randn; random "
+        "labels), start an embedded cluster (one worker per GPU, else per CPU core), train it "
+        "and write theta.npy, history.csv, loss.png and summary.json.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder "
+                      "(default: %(default)s)")
+    demo.add_argument("--epochs", type=_positive_int, default=DEMO_DEFAULTS["epochs"])
+    demo.add_argument("--n", type=_positive_int, default=DEMO_DEFAULTS["n"], help="state size")
+    demo.add_argument("--S", type=_positive_int, default=DEMO_DEFAULTS["S"],
+                      help="number of right-hand sides (columns)")
+    demo.add_argument("--batch-size", type=_positive_int, default=DEMO_DEFAULTS["batch_size"])
+    demo.add_argument("--lr", type=_positive_float, default=DEMO_DEFAULTS["lr"])
+    demo.add_argument("--k", type=_positive_int, default=DEMO_DEFAULTS["k"],
+                      help="Krylov dimension")
+    demo.add_argument("--seed", type=_nonnegative_int, default=DEMO_DEFAULTS["seed"])
+    demo.add_argument("--workers", type=_positive_int, default=None,
+                      help="number of workers (default: one per GPU, else one per CPU core)")
+    demo.add_argument("--n-shards", type=_positive_int, default=None,
+                      help="column shards (default: one per worker)")
+    demo.add_argument("--cpu", action="store_true", help="use CPU workers even if GPUs are visible")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(handler=_cmd_demo)
+
+    train = commands.add_parser(
+        "train", parents=[common], help="train a problem stored in files (TOML config)",
+        description="Train the problem described by CONFIG (TOML; see diagode_dist.config) on an "
+        "embedded local cluster, a running Dask scheduler, or SLURM jobs.",
+    )
+    train.add_argument("config", type=Path, metavar="CONFIG.toml")
+    where = train.add_mutually_exclusive_group()
+    _add_scheduler_options(where)
+    where.add_argument("--slurm", action="store_true",
+                       help="start workers as SLURM jobs (dask_jobqueue.SLURMCluster)")
+    where.add_argument("--local", action="store_true",
+                       help="embedded local cluster even if the config has a [slurm] section")
+    slurm = train.add_argument_group("SLURM options (override the config's [slurm] section)")
+    slurm.add_argument("--jobs", type=_positive_int, help="number of SLURM jobs")
+    slurm.add_argument("--queue", help="partition")
+    slurm.add_argument("--walltime", help="per job, HH:MM:SS")
+    slurm.add_argument("--cores", type=_positive_int, help="cores per job")
+    slurm.add_argument("--memory", help="memory per job, e.g. 8GB")
+    slurm.add_argument("--gpus-per-job", type=_nonnegative_int)
+    slurm.add_argument("--interface", help="network interface of the workers, e.g. ib0")
+    slurm.add_argument("--local-directory", help="node-local scratch folder of the workers")
+    train.add_argument("--out", type=Path, default=None,
+                       help="output folder (default: [output] dir of the config, else diagode-out)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoint in OUT/checkpoints")
+    train.add_argument("--detach", action="store_true",
+                       help="with --scheduler/--scheduler-file: submit, print the run id, exit")
+    train.add_argument("--workers", type=_positive_int, default=None,
+                       help="embedded cluster: number of workers (default: per GPU / CPU core)")
+    train.add_argument("--cpu", action="store_true", help="embedded cluster: CPU workers only")
+    _add_timeouts(train)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_cmd_train)
+
+    status = commands.add_parser("status", parents=[common], help="print a run's status (JSON)")
+    status.add_argument("run_id", metavar="RUN_ID")
+    _add_scheduler_options(status.add_mutually_exclusive_group(required=True))
+    _add_timeouts(status, workers=False)
+    status.set_defaults(handler=_cmd_status)
+
+    result = commands.add_parser("result", parents=[common], help="write a run's result files")
+    result.add_argument("run_id", metavar="RUN_ID")
+    _add_scheduler_options(result.add_mutually_exclusive_group(required=True))
+    result.add_argument("--out", type=Path, default=Path("diagode-out"),
+                        help="output folder (default: %(default)s)")
+    result.add_argument("--wait", action="store_true", help="wait for a running run to finish")
+    _add_timeouts(result, workers=False)
+    result.add_argument("--quiet", action="store_true", help="no progress bar")
+    result.set_defaults(handler=_cmd_result)
+
+    commands.add_parser("bench", help="benchmarks (all arguments go to diagode_dist.bench)",
+                        add_help=False)
+    return parser
+
+
+def _add_scheduler_options(group) -> None:
+    group.add_argument("--scheduler", metavar="ADDRESS",
+                       help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    group.add_argument("--scheduler-file", type=Path, metavar="FILE",
+                       help="scheduler file written by `dask scheduler --scheduler-file`")
+
+
+def _add_timeouts(parser, workers: bool = True) -> None:
+    parser.add_argument("--connect-timeout", type=_positive_float, default=10.0,
+                        help="seconds to wait for the scheduler (default: %(default)s)")
+    if workers:
+        parser.add_argument("--worker-timeout", type=_positive_float, default=300.0,
+                            help="seconds to wait for workers to join (default: %(default)s)")
+
+
+def _positive_int(text: str) -> int:
+    return _checked_number(text, int, lambda value: value >= 1, "an integer >= 1")
+
+
+def _nonnegative_int(text: str) -> int:
+    return _checked_number(text, int, lambda value: value >= 0, "an integer >= 0")
+
+
+def _positive_float(text: str) -> float:
+    return _checked_number(text, float, lambda value: 0 < value < float("inf"), "a number > 0")
+
+
+def _checked_number(text: str, kind, ok, wanted: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+    return value
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    package = logging.getLogger("diagode_dist")
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    if not verbose:  # Dask's INFO chatter (worker start/stop) hides the progress bar
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from diagode_dist.problem import demo_problem
+
+    problem = demo_problem(n=args.n, S=args.S, seed=args.seed)
+    options = {"epochs": args.epochs, "lr": args.lr, "k": args.k, "batch_size": args.batch_size,
+               "seed": args.seed, "n_shards": args.n_shards}
+    with _embedded_client(args.workers, args.cpu) as (client, cluster_kind):
+        _print_dashboard(client, cluster_kind)
+        run = _submit(client, problem, np.zeros(problem.n), options)
+        theta, history, status, seconds = _wait(run, args.quiet)
+        summary = _summary("demo", run.run_id, status, seconds, client, cluster_kind, options,
+                           {"kind": "demo", "n": problem.n, "S": problem.S, "T": problem.T,
+                            "beta": problem.beta})
+    _write_and_report(args.out, theta, history, summary)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config)  # config errors first, before anything is imported
+    from diagode_dist.service.files import ProblemFiles
+
+    slurm = _slurm_options(args, config)
+    if args.detach and not (args.scheduler or args.scheduler_file):
+        raise ValueError("--detach needs --scheduler or --scheduler-file (a cluster started "
+                         "by this command ends with it)")
+    out_dir = (args.out if args.out is not None else config.output_dir).resolve()
+    spec = config.problem
+    files = ProblemFiles(spec.A0, spec.F, spec.labels, T=spec.T, beta=spec.beta, x0=spec.x0)
+    files.validate()  # FileNotFoundError / ValueError before any cluster is contacted
+    n = _problem_size(files)
+    options = _train_options(config)
+    with _client_for(args, slurm) as (client, cluster_kind):
+        _print_dashboard(client, cluster_kind)
+        run = _submit(client, files, np.zeros(n), options, checkpoint_dir=out_dir / "checkpoints",
+                      resume=args.resume)
+        if args.detach:
+            _print_detached(run.run_id, args)
+            return 0
+        try:
+            theta, history, status, seconds = _wait(run, args.quiet)
+        except KeyboardInterrupt:
+            if cluster_kind == "external":
+                print(f"{PROG}: run {run.run_id} goes on on the scheduler; see "
+                      f"`{PROG} status {run.run_id} {_scheduler_flag(args)}`", file=sys.stderr)
+            raise
+        problem_info = {"kind": "files", "n": n, "T": spec.T, "beta": spec.beta,
+                        "A0": spec.A0, "F": spec.F, "labels": spec.labels, "x0": spec.x0,
+                        "config": args.config.resolve()}
+        summary = _summary("train", run.run_id, status, seconds, client, cluster_kind, options,
+                           problem_info)
+    _write_and_report(out_dir, theta, history, summary)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _client_for(args, None) as (client, _kind):
+        status = _attach(client, args.run_id).status()
+    print(json.dumps(_plain(status), indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_result(args: argparse.Namespace) -> int:
+    with _client_for(args, None) as (client, cluster_kind):
+        run = _attach(client, args.run_id)
+        status = run.status()
+        if status["status"] == "running" and not args.wait:
+            raise RuntimeError(f"run {args.run_id} is still running (step {status['step']}/"
+                               f"{status['n_steps']}); use --wait to wait for it")
+        if status["status"] == "failed":
+            raise RuntimeError(f"run {args.run_id} failed: {status.get('error')}")
+        theta, history, status, seconds = _wait(run, args.quiet)
+        summary = _summary("result", run.run_id, status, None, client, cluster_kind, {}, {})
+    _write_and_report(args.out, theta, history, summary)
+    return 0
+
+
+# ---- clusters and clients ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _client_for(args: argparse.Namespace, slurm: SlurmOptions | None) -> Iterator[tuple[Any, str]]:
+    """A Client to the scheduler the arguments name, or to a cluster started here (closed after)."""
+    if args.scheduler or args.scheduler_file:
+        client = _connect(args.scheduler, args.scheduler_file, args.connect_timeout)
+        with client:
+            if hasattr(args, "worker_timeout"):
+                _wait_for_workers(client, 1, args.worker_timeout)
+            yield client, "external"
+    elif slurm is not None:
+        with _slurm_client(slurm, args.worker_timeout) as client:
+            yield client, "slurm"
+    else:
+        with _embedded_client(args.workers, args.cpu) as pair:
+            yield pair
+
+
+@contextlib.contextmanager
+def _embedded_client(n_workers: int | None, cpu_only: bool) -> Iterator[tuple[Any, str]]:
+    from distributed import Client
+
+    from diagode_dist.service.cluster import local_cluster
+
+    gpu = False if cpu_only else "auto"
+    with local_cluster(n_workers=n_workers, gpu=gpu) as cluster, Client(cluster) as client:
+        yield client, type(cluster).__name__
+
+
+@contextlib.contextmanager
+def _slurm_client(slurm: SlurmOptions, worker_timeout: float) -> Iterator[Any]:
+    from distributed import Client
+
+    from diagode_dist.service.cluster import slurm_cluster
+
+    options = asdict(slurm)
+    with slurm_cluster(**options) as cluster, Client(cluster) as client:
+        _wait_for_workers(client, slurm.n_workers, worker_timeout)
+        yield client
+
+
+def _connect(address: str | None, scheduler_file: Path | None, timeout: float):
+    """Client to a running scheduler; ConnectionError naming it if unreachable within timeout."""
+    from distributed import Client
+
+    if scheduler_file is not None:
+        _wait_for_file(scheduler_file, timeout)
+        target = f"scheduler file {scheduler_file}"
+        kwargs = {"scheduler_file": str(scheduler_file)}
+    else:
+        target = f"scheduler {address}"
+        kwargs = {"address": address}
+    try:
+        return Client(timeout=timeout, set_as_default=False, **kwargs)
+    except Exception as err:  # OSError mostly; a non-Dask peer can produce anything
+        raise ConnectionError(f"cannot connect to the Dask {target}: {err}") from None
+
+
+def _wait_for_file(path: Path, timeout: float) -> None:
+    # A scheduler started in the background (sbatch scripts) writes its file a moment later.
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise FileNotFoundError(f"--scheduler-file: {path} does not exist "
+                                    f"(waited {timeout:g} s)")
+        time.sleep(0.1)
+
+
+def _wait_for_workers(client, count: int, timeout: float) -> None:
+    try:
+        client.wait_for_workers(count, timeout=timeout)
+    except TimeoutError:
+        raise TimeoutError(f"fewer than {count} Dask worker(s) joined the scheduler "
+                           f"{client.scheduler.address} within {timeout:g} s "
+                           f"(--worker-timeout)") from None
+
+
+def _slurm_options(args: argparse.Namespace, config: TrainConfig) -> SlurmOptions | None:
+    """SLURM options from the config's [slurm] section overridden by flags; None: not SLURM."""
+    flags = {"jobs": args.jobs, "queue": args.queue, "walltime": args.walltime,
+             "cores": args.cores, "memory": args.memory, "gpus_per_job": args.gpus_per_job,
+             "interface": args.interface, "local_directory": args.local_directory}
+    given = {key: value for key, value in flags.items() if value is not None}
+    wants_slurm = args.slurm or (config.slurm is not None and not (
+        args.local or args.scheduler or args.scheduler_file))
+    if not wants_slurm:
+        if given:
+            names = ", ".join("--" + key.replace("_", "-") for key in given)
+            raise ValueError(f"{names} need(s) --slurm or a [slurm] section in the config")
+        return None
+    base = asdict(config.slurm) if config.slurm is not None else {}
+    return check_slurm_options({**base, **given}, where="--slurm: ")
+
+
+def _scheduler_flag(args: argparse.Namespace) -> str:
+    if args.scheduler:
+        return f"--scheduler {args.scheduler}"
+    return f"--scheduler-file {args.scheduler_file}"
+
+
+def _print_dashboard(client, cluster_kind: str) -> None:
+    workers = len(client.scheduler_info().get("workers", {}))
+    print(f"cluster: {cluster_kind}, {workers} worker(s), scheduler {client.scheduler.address}")
+    print(f"dashboard: {client.dashboard_link}", flush=True)
+
+
+def _print_detached(run_id: str, args: argparse.Namespace) -> None:
+    flag = _scheduler_flag(args)
+    print(f"run id: {run_id}")
+    print(f"follow it:  {PROG} status {run_id} {flag}")
+    print(f"results:    {PROG} result {run_id} {flag} --wait --out DIR", flush=True)
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+
+def _param(name: str):
+    from diagode_dist.param import ExpParam, SoftplusParam
+
+    return {"softplus": SoftplusParam, "exp": ExpParam}[name]()
+
+
+def _train_options(config: TrainConfig) -> dict[str, Any]:
+    options = asdict(config.train)
+    options["clamp"] = tuple(options["clamp"])
+    return options
+
+
+def _submit(client, problem, theta0: np.ndarray, options: dict[str, Any], **extra):
+    from diagode_dist.service.client import submit
+
+    kwargs = dict(options)
+    param = _param(kwargs.pop("param", "softplus"))
+    run = submit(client, problem, theta0, param=param, **kwargs, **extra)
+    print(f"run id: {run.run_id}", flush=True)
+    return run
+
+
+def _attach(client, run_id: str):
+    from diagode_dist.service.client import attach
+
+    return attach(client, run_id)
+
+
+def _problem_size(files) -> int:
+    """n of a validated ProblemFiles (rows of F, read from the .npy header only)."""
+    n = getattr(files, "n", None)
+    if n is None:
+        n = np.load(files.F, mmap_mode="r").shape[0]
+    return int(n)
+
+
+@dataclass
+class _ProgressBar:
+    """progress(status) callback for RunHandle.wait: a tqdm bar of steps with loss and steps/s."""
+
+    enabled: bool
+    bar: Any = None
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=status.get("n_steps") or None, unit="step", desc="training",
+                            dynamic_ncols=True, file=sys.stderr)
+        self.bar.n = int(status.get("step") or 0)
+        postfix = {"epoch": f"{status.get('epoch', 0)}/{status.get('epochs', '?')}"}
+        if status.get("loss") is not None:
+            postfix["loss"] = f"{status['loss']:.4g}"
+        if status.get("steps_per_s"):
+            postfix["steps/s"] = f"{status['steps_per_s']:.3g}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _wait(run, quiet: bool) -> tuple[np.ndarray, list[float], dict[str, Any], float]:
+    """Wait for the run; return (theta, history, final status, seconds waited)."""
+    progress = _ProgressBar(enabled=not quiet)
+    start = time.perf_counter()
+    try:
+        theta, history = run.wait(progress=progress)
+        status = run.status()
+        progress(status)  # the bar ends at the final step
+    finally:
+        progress.close()
+    return np.asarray(theta), list(history), status, time.perf_counter() - start
+
+
+def _summary(command: str, run_id: str, status: dict[str, Any], seconds: float | None, client,
+             cluster_kind: str, options: dict[str, Any], problem: dict[str, Any]) -> dict:
+    history = list(status.get("history") or [])
+    summary = {
+        "command": command,
+        "run_id": run_id,
+        "status": status.get("status"),
+        "steps": status.get("step"),
+        "epochs": status.get("epochs"),
+        "initial_loss": history[0] if history else None,
+        "final_loss": history[-1] if history else None,
+        "steps_per_s": status.get("steps_per_s"),
+        "wall_time_s": seconds,
+        "cluster": cluster_kind,
+        "n_workers": len(client.scheduler_info().get("workers", {})),
+        "dashboard": client.dashboard_link,
+        "options": {key: value for key, value in options.items() if value is not None},
+        "problem": problem,
+    }
+    return _plain(summary)
+
+
+def _plain(value: Any) -> Any:
+    """Paths to strings and NumPy scalars to Python numbers, for JSON output."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _write_and_report(out_dir: Path, theta: np.ndarray, history: list[float],
+                      summary: dict[str, Any]) -> None:
+    paths = write_outputs(out_dir, theta, history, summary)
+    if history:
+        print(f"mean loss: epoch 1 {history[0]:.6g} -> epoch {len(history)} {history[-1]:.6g}")
+    print(f"wrote {', '.join(path.name for path in paths.values())} to {Path(out_dir).resolve()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The result files of a training run: theta.npy, history.csv, loss.png and summary.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["write_outputs"]
+
+THETA_FILE = "theta.npy"
+HISTORY_FILE = "history.csv"
+PLOT_FILE = "loss.png"
+SUMMARY_FILE = "summary.json"
+
+
+def write_outputs(
+    out_dir: str | Path,
+    theta: Any,
+    history: Sequence[float],
+    summary: Mapping[str, Any],
+) -> dict[str, Path]:
+    """Write the results of a run into ``out_dir`` (created if needed) and return their paths.
+
+    theta: (n,) trained parameters (NumPy, or anything with ``.get()`` such as a CuPy array).
+    history: per-epoch mean loss, epoch 1 first.
+    summary: JSON-able facts about the run (NumPy scalars and arrays are converted).
+
+    Files (keys of the returned dict): ``theta`` theta.npy; ``history`` history.csv with columns
+    epoch, mean_loss; ``plot`` loss.png (mean loss per epoch, log scale when all positive);
+    ``summary`` summary.json. Each file is written to a temporary name and renamed, so a reader
+    never sees a half-written file.
+    """
+    theta = _host_vector(theta)
+    history = _history_floats(history)
+    if not isinstance(summary, Mapping):
+        raise TypeError(f"summary must be a mapping, got {type(summary).__name__}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir exists and is not a folder: {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "theta": out_dir / THETA_FILE,
+        "history": out_dir / HISTORY_FILE,
+        "plot": out_dir / PLOT_FILE,
+        "summary": out_dir / SUMMARY_FILE,
+    }
+    _atomic_write(paths["theta"], lambda stream: np.save(stream, theta))
+    _atomic_write(paths["history"], lambda stream: _write_history(stream, history), text=True)
+    _atomic_write(paths["plot"], lambda stream: _plot_history(stream, history))
+    summary_text = json.dumps(_jsonable(dict(summary)), indent=2, sort_keys=True, allow_nan=True)
+    _atomic_write(paths["summary"], lambda stream: stream.write(summary_text + "\n"), text=True)
+    return paths
+
+
+def _host_vector(theta: Any) -> np.ndarray:
+    if hasattr(theta, "get") and not isinstance(theta, np.ndarray):
+        theta = theta.get()  # CuPy -> NumPy
+    theta = np.asarray(theta)
+    if theta.ndim != 1 or theta.size == 0:
+        raise ValueError(f"theta must be a non-empty 1-D array, got shape {theta.shape}")
+    if not np.issubdtype(theta.dtype, np.floating):
+        raise TypeError(f"theta must hold floats, got dtype {theta.dtype}")
+    return theta
+
+
+def _history_floats(history: Sequence[float]) -> list[float]:
+    try:
+        values = [float(value) for value in history]
+    except (TypeError, ValueError):
+        raise TypeError("history must be a sequence of numbers (per-epoch mean loss)") from None
+    return values
+
+
+def _write_history(stream, history: list[float]) -> None:
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(["epoch", "mean_loss"])
+    for epoch, loss in enumerate(history, start=1):
+        writer.writerow([epoch, repr(loss)])  # repr: round-trips the float exactly
+
+
+def _plot_history(stream, history: list[float]) -> None:
+    # The object API with the Agg canvas: no pyplot global state, no GUI backend needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.0, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    epochs = np.arange(1, len(history) + 1)
+    axes.plot(epochs, history, marker="o", markersize=3)
+    finite = [value for value in history if math.isfinite(value)]
+    if finite and min(finite) > 0:
+        axes.set_yscale("log")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("mean loss")
+    axes.set_title("training loss")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(stream, format="png")
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert NumPy scalars/arrays, tuples and paths into plain JSON types."""
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"summary value {value!r} of type {type(value).__name__} is not JSON-able")
+
+
+def _atomic_write(path: Path, write, text: bool = False) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w" if text else "wb", **({"newline": ""} if text else {})) as stream:
+            write(stream)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

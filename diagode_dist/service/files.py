@@ -1,0 +1,206 @@
+"""A problem kept in files, so that each shard worker reads only its own columns.
+
+Supported formats
+-----------------
+- ``A0``: ``.npy`` (dense (n, n)), ``.npz`` (written by ``scipy.sparse.save_npz``) or ``.mtx``
+  (Matrix Market, sparse or dense).
+- ``F``: ``.npy`` (n, S), read memory-mapped: a shard copies only its column slice.
+- ``labels``: ``.npy`` (S,) integers in [0, n).
+- ``x0`` (optional): ``.npy`` (n, S), memory-mapped like ``F``.
+
+Paths are stored absolute, so they mean the same file on every worker of a shared file system.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+_A0_SUFFIXES = (".npy", ".npz", ".mtx")
+
+
+class ProblemFiles:
+    """Paths of a problem's arrays plus its scalars; loads shards on demand.
+
+    Parameters
+    ----------
+    A0 : path to the (n, n) base operator (.npy dense, .npz scipy.sparse, .mtx Matrix Market).
+    F : path to the (n, S) forcing (.npy).
+    labels : path to the (S,) integer labels (.npy).
+    T : float > 0, final time.
+    beta : float, logit scale.
+    x0 : optional path to the (n, S) initial states (.npy).
+
+    Nothing is read until :meth:`validate` or a ``load_*`` method is called; ``validate`` reads
+    only headers (and the S labels), never the whole of ``F``.
+    """
+
+    def __init__(self, A0: str | os.PathLike, F: str | os.PathLike, labels: str | os.PathLike,
+                 T: float = 2.0, beta: float = 10.0, x0: str | os.PathLike | None = None):
+        self.A0 = _path(A0, "A0")
+        self.F = _path(F, "F")
+        self.labels = _path(labels, "labels")
+        self.x0 = None if x0 is None else _path(x0, "x0")
+        self.T = _finite_real(T, "T")
+        if self.T <= 0:
+            raise ValueError(f"T must be > 0, got {self.T}")
+        self.beta = _finite_real(beta, "beta")
+        self._shape: tuple[int, int] | None = None
+
+    # ---- validation ------------------------------------------------------------------------
+
+    def validate(self) -> ProblemFiles:
+        """Check that the files exist and their shapes agree, reading headers only.
+
+        Raises FileNotFoundError (missing file), ValueError (wrong suffix, shape mismatch, labels
+        out of range) or TypeError (wrong dtype), naming the argument. Returns ``self``.
+        """
+        for name in ("A0", "F", "labels", "x0"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise FileNotFoundError(f"{name}: no such file: {path}")
+        F = _open_npy(self.F, "F")
+        if F.ndim != 2 or F.shape[0] < 1 or F.shape[1] < 1:
+            raise ValueError(f"F must be a non-empty 2-D (n, S) array, got shape {F.shape}")
+        if F.dtype.kind not in "fiu":
+            raise TypeError(f"F must be a real numeric array, got dtype {F.dtype}")
+        n, S = F.shape
+        a0_shape = _operator_shape(self.A0)
+        if a0_shape != (n, n):
+            raise ValueError(f"A0 has shape {a0_shape} but F has shape {F.shape}: "
+                             f"A0 must be (n, n) = ({n}, {n})")
+        labels = np.load(self.labels, allow_pickle=False)
+        if labels.ndim != 1 or labels.shape[0] != S:
+            raise ValueError(f"labels must have shape (S,) = ({S},) to match F, "
+                             f"got {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
+        if labels.min() < 0 or labels.max() >= n:
+            raise ValueError(f"labels must lie in [0, n) = [0, {n}), "
+                             f"got [{labels.min()}, {labels.max()}]")
+        if self.x0 is not None:
+            x0 = _open_npy(self.x0, "x0")
+            if x0.shape != (n, S):
+                raise ValueError(f"x0 must have shape (n, S) = ({n}, {S}) to match F, "
+                                 f"got {x0.shape}")
+        self._shape = (n, S)
+        return self
+
+    @property
+    def n(self) -> int:
+        """State dimension (rows of F); validates on first use."""
+        return self._validated_shape()[0]
+
+    @property
+    def S(self) -> int:
+        """Number of columns of F; validates on first use."""
+        return self._validated_shape()[1]
+
+    n_columns = S
+
+    def _validated_shape(self) -> tuple[int, int]:
+        if self._shape is None:
+            self.validate()
+        return self._shape
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def load_operator(self):
+        """A0 as a NumPy array (.npy, dense .mtx) or a SciPy CSR matrix (.npz, sparse .mtx)."""
+        suffix = self.A0.suffix.lower()
+        if suffix == ".npy":
+            return np.load(self.A0, allow_pickle=False)
+        import scipy.sparse as sp
+
+        if suffix == ".npz":
+            try:
+                return sp.load_npz(self.A0).tocsr()
+            except (ValueError, KeyError, zipfile.BadZipFile) as err:
+                raise ValueError(f"A0: {self.A0} is not a scipy.sparse.save_npz file "
+                                 f"({err})") from None
+        import scipy.io
+
+        A = scipy.io.mmread(self.A0)
+        return sp.csr_matrix(A) if sp.issparse(A) else np.asarray(A)
+
+    def load_columns(self, columns) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Host copies of F[:, columns], labels[columns], x0[:, columns] (x0 may be None).
+
+        ``columns``: 1-D ints, or a ``slice``. F and x0 are memory-mapped, so only the
+        selected columns are read.
+        """
+        cols = columns if isinstance(columns, slice) else np.asarray(columns, dtype=np.int64)
+        F = np.array(_open_npy(self.F, "F")[:, cols])
+        labels = np.load(self.labels, allow_pickle=False)[cols]
+        x0 = None if self.x0 is None else np.array(_open_npy(self.x0, "x0")[:, cols])
+        return F, labels, x0
+
+    def load_shard(self, columns, A0=None):
+        """A ``Problem`` holding only ``columns`` (global ids, or a slice) of this problem.
+
+        ``A0``: an operator already loaded (shared between shards of one process); read from
+        its file when None.
+        """
+        from diagode_dist.problem import Problem
+
+        F, labels, x0 = self.load_columns(columns)
+        A0 = self.load_operator() if A0 is None else A0
+        return Problem(A0, F, labels, T=self.T, beta=self.beta, x0=x0)
+
+    def operator_token(self) -> tuple:
+        """Identifies A0's file contents for per-process caching (path, size, mtime)."""
+        stat = self.A0.stat()
+        return ("file", str(self.A0), stat.st_size, stat.st_mtime_ns)
+
+    def __repr__(self) -> str:
+        x0 = "" if self.x0 is None else f", x0={str(self.x0)!r}"
+        return (f"ProblemFiles(A0={str(self.A0)!r}, F={str(self.F)!r}, "
+                f"labels={str(self.labels)!r}, T={self.T}, beta={self.beta}{x0})")
+
+
+def _path(value, name: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    path = Path(value).expanduser().absolute()
+    allowed = _A0_SUFFIXES if name == "A0" else (".npy",)
+    if path.suffix.lower() not in allowed:
+        raise ValueError(f"{name}: {path} must end in {' / '.join(allowed)}")
+    return path
+
+
+def _finite_real(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    if not np.isfinite(float(x)):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return float(x)
+
+
+def _open_npy(path: Path, name: str) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as err:
+        raise ValueError(f"{name}: {path} is not a readable .npy array ({err})") from None
+
+
+def _operator_shape(path: Path) -> tuple[int, ...]:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return tuple(_open_npy(path, "A0").shape)
+    if suffix == ".npz":  # save_npz stores the shape as its own small member
+        try:
+            with np.load(path, allow_pickle=False) as members:
+                return tuple(int(s) for s in members["shape"])
+        except (KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise ValueError(f"A0: {path} is not a scipy.sparse.save_npz file ({err})") from None
+    import scipy.io
+
+    try:
+        rows, cols = scipy.io.mminfo(path)[:2]
+    except Exception as err:  # scipy raises ValueError or its own parse errors
+        raise ValueError(f"A0: {path} is not a Matrix Market file ({err})") from None
+    return (int(rows), int(cols))
