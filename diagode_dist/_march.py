@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._array import array_module, to_numpy
+from .expm import expm_batched
 from .krylov import Projection, arnoldi, combine, exp_and_error
 from .time_integral import trapezoid, van_loan
 
@@ -30,6 +31,7 @@ class Interval:
     projection: Projection | None  # kept when it fits in memory, else rebuilt
     dims: np.ndarray  # (c_q,) forward Krylov dimensions
     stop: np.ndarray  # (c_q,) index of the observation reached at t_{q+1}, or -1
+    symmetric: bool = False  # built with Lanczos
 
 
 @dataclass
@@ -82,7 +84,7 @@ def _choose_steps(proj, remaining, T, rtol, n_rows):
     return tau, y, rel
 
 
-def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes):
+def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=False):
     """Integrate u' = Â u from u0 (c, N) to every observation time.
 
     make_apply(rows) -> callable (c_q, N) -> (c_q, N): the augmented operator for those columns.
@@ -104,7 +106,7 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes):
         remaining = obs[next_obs[active]] - t[active]
         norms = xp.linalg.norm(start, axis=1)
         tol = xp.asarray(rtol * remaining / T)
-        proj = arnoldi(make_apply(active), start, k,
+        proj = arnoldi(make_apply(active), start, k, symmetric=symmetric,
                        accept=_acceptor(norms, xp.asarray(remaining), tol, N - 1))
         tau, y, rel = _choose_steps(proj, remaining, T, rtol, N - 1)
         reached = tau >= remaining
@@ -118,7 +120,7 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes):
         next_obs[observed] += 1
         kept += proj.basis.nbytes
         intervals.append(Interval(active, tau, start, proj if kept <= keep_bytes else None,
-                                  proj.dims, stop))
+                                  proj.dims, stop, symmetric))
         acc.forward[active] += rel
         acc.forward_dim = max(acc.forward_dim, int(proj.dims.max()))
         active = active[next_obs[active] < obs.size]
@@ -127,38 +129,80 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes):
 
 
 def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
-                  time_integral="vanloan", quad_points=32):
-    """March the adjoint back across the intervals and sum the exact interval integrals.
+                  time_integral="vanloan", quad_points=32, symmetric=False):
+    """March the adjoint back across the intervals and sum the exact sub-step integrals.
 
     jumps : (m_obs, c, n) dL/dx at the observation times; apply_T: (c_q, n) -> (c_q, n), A^T on
     rows. Returns dL/dd (n,), summed over the chunk's columns in a fixed order.
     """
     xp = array_module(jumps)
-    c = jumps.shape[1]
-    lam = xp.zeros((c, n), dtype=jumps.dtype)
+    lam = xp.zeros((jumps.shape[1], n), dtype=jumps.dtype)
     grad = xp.zeros(n, dtype=jumps.dtype)
     for iv in reversed(intervals):
         hit = iv.stop >= 0
         if hit.any():
             lam[iv.columns[hit]] += jumps[iv.stop[hit], iv.columns[hit]]
-        tau = xp.asarray(iv.tau)
-        start = lam[iv.columns]
-        norms = xp.linalg.norm(start, axis=1)
-        adj = arnoldi(apply_T, start, k,
-                      accept=_acceptor(norms, tau, xp.asarray(rtol * iv.tau / T), n))
-        _, rel = _relative_error(adj, iv.tau, n)
-        acc.adjoint[iv.columns] += rel
-        acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
         fwd = iv.projection or arnoldi(make_apply(iv.columns), iv.start, k,
-                                       fixed_dims=iv.dims)
-        if time_integral == "vanloan":
-            M, carry = van_loan(adj.square, fwd.square, tau)
-        else:
-            M, carry = trapezoid(adj.square, fwd.square, tau, quad_points)
-        M = M * (adj.norms * fwd.norms)[:, None, None]
-        grad += _contract(adj.basis, M, fwd.basis[:, :, :n])
-        lam[iv.columns] = combine(adj.basis, adj.norms[:, None] * carry)
+                                       fixed_dims=iv.dims, symmetric=iv.symmetric)
+        grad += _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral,
+                                  quad_points, symmetric)
     return grad
+
+
+def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, quad_points,
+                      symmetric):
+    """Adjoint across one forward interval, in as many error-controlled sub-steps as needed.
+
+    Updates lam (c, n) in place for the interval's columns; returns the gradient part (n,).
+    """
+    xp = array_module(lam)
+    grad = xp.zeros(n, dtype=lam.dtype)
+    elapsed = np.zeros(iv.columns.size)  # adjoint time covered, from the interval's end
+    active = np.arange(iv.columns.size)
+    while active.size:
+        rows = iv.columns[active]
+        remaining = iv.tau[active] - elapsed[active]
+        start = lam[rows]
+        norms = xp.linalg.norm(start, axis=1)
+        tol = xp.asarray(rtol * remaining / T)
+        adj = arnoldi(apply_T, start, k, symmetric=symmetric,
+                      accept=_acceptor(norms, xp.asarray(remaining), tol, n))
+        sigma, z, rel = _choose_steps(adj, remaining, T, rtol, n)
+        acc.adjoint[rows] += rel
+        acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
+        reached = sigma >= remaining
+        begin = np.where(reached, 0.0, remaining - sigma)  # forward-local start of the sub-step
+        sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))
+        y_start, y_norm = _forward_coefficients(sub, begin)
+        if time_integral == "vanloan":
+            M = van_loan(adj.square, sub.square, xp.asarray(sigma), y_start)
+        else:
+            M = trapezoid(adj.square, sub.square, xp.asarray(sigma), y_start, quad_points)
+        grad += _contract(adj.basis, M * (adj.norms * y_norm)[:, None, None],
+                          sub.basis[:, :, :n])
+        lam[rows] = combine(adj.basis, z)
+        elapsed[active] = np.where(reached, iv.tau[active], elapsed[active] + sigma)
+        active = active[~reached]
+    return grad
+
+
+def _rows_of(proj, rows):
+    """The projection restricted to some columns."""
+    return Projection(proj.basis[:, rows], proj.hessenberg[rows], proj.next_subdiag[rows],
+                      proj.norms[rows], None, None)
+
+
+def _forward_coefficients(proj, begin):
+    """Unit forward coefficients y(a)/||y(a)|| at forward-local times a (c,), and ||y(a)||."""
+    xp = array_module(proj.norms)
+    m = proj.square.shape[-1]
+    if not begin.any():  # the whole interval: y(0) = beta e1
+        unit = xp.zeros((proj.norms.shape[0], m), dtype=proj.norms.dtype)
+        unit[:, 0] = 1.0
+        return unit, proj.norms
+    y = expm_batched(xp.asarray(begin)[:, None, None] * proj.square)[:, :, 0]
+    y_norm = xp.linalg.norm(y, axis=1)
+    return y / xp.where(y_norm > 0, y_norm, 1.0)[:, None], y_norm * proj.norms
 
 
 def _contract(adjoint_basis, M, forward_basis):

@@ -56,7 +56,7 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
     """
     loss_sum, grad_sum, count, info = loss_grad_sums(
         prob, theta, param, columns, k, rtol, max_chunk_columns, time_integral, quad_points)
-    loss, grad = loss_sum / count, grad_sum / count
+    loss, grad = loss_sum / count, grad_sum / count  # mean over the chosen columns
     return (loss, grad, info) if return_info else (loss, grad)
 
 
@@ -75,6 +75,8 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
     d = param.diag_from_theta(theta_dev)
     if not bool(prob.xp.isfinite(d).all()):
         raise ValueError("theta gives a non-finite diagonal d(theta) (overflow in the param map)")
+    d = d.astype(prob.dtype, copy=False)
+    rtol = effective_rtol(rtol, prob.dtype)
     threads = _chunk_threads(prob, cols.size)
     chunk = max_chunk_columns or min(_default_chunk(prob, k), -(-cols.size // threads))
     chunks = [cols[lo: lo + chunk] for lo in range(0, cols.size, chunk)]
@@ -132,11 +134,13 @@ def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points):
     def apply_T(v):  # A^T = A0^T + diag(d) on rows v
         return (prob.A0T @ v.T).T + d * v
 
-    states, intervals, acc = march_forward(make_apply, u0, prob.loss.obs_times, prob.T, k,
-                                           rtol, _KEEP_BYTES)
+    # The augmented operator inherits Lanczos structure only from a zero start: u0 = e_{n+1}.
+    horizon = prob.loss.obs_times[-1]
+    states, intervals, acc = march_forward(make_apply, u0, prob.loss.obs_times, horizon, k,
+                                           rtol, _KEEP_BYTES, prob.symmetric and prob.x0 is None)
     loss, jumps = prob.loss.evaluate(states, cols)
-    grad_d = march_adjoint(make_apply, apply_T, intervals, jumps, n, prob.T, k, rtol, acc,
-                           time_integral, quad_points)
+    grad_d = march_adjoint(make_apply, apply_T, intervals, jumps, n, horizon, k, rtol, acc,
+                           time_integral, quad_points, prob.symmetric)
     return float(loss.sum()), grad_d, acc
 
 
@@ -186,6 +190,11 @@ def _check_int(value, name, minimum):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def effective_rtol(rtol: float, dtype) -> float:
+    """rtol, raised to 100 eps of the working precision (float32: about 1.2e-5)."""
+    return max(float(rtol), 100 * float(np.finfo(dtype).eps))
 
 
 def _single_threaded_blas(xp):

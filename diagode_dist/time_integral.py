@@ -1,4 +1,4 @@
-"""The time integral M = ∫_0^τ z(τ - s) y(s)^T ds of an interval, in projected coordinates.
+"""The time integral M = ∫_0^τ z(τ - s) y(s)^T ds of a sub-step, in projected coordinates.
 
 With the forward x(t_q + s) = V y(s), y(s) = beta exp(s H) e1 and the adjoint
 lambda(t_{q+1} - r) = W z(r), z(r) = gamma exp(r G) e1, the interval's gradient contribution is
@@ -6,9 +6,10 @@ rowsum((W M) ⊙ V). Van Loan (1978) gives M exactly from one exponential per co
 
     exp(τ [[G, e1 e1^T], [0, H^T]]) = [[exp(τG), M / (gamma beta)], [0, exp(τ H^T)]].
 
-Its top-left block's first column is exp(τG) e1, which carries the adjoint to t_q.
-The norms gamma, beta are applied after the exponential, so the scaling and squaring does not
-depend on them (||g|| can be 1e-6).
+When the adjoint needs shorter steps than the forward (stiff problems), an adjoint sub-step
+starts at forward coefficients y(a) instead of beta e1, and e1 e1^T becomes e1 y(a)^T / ||y(a)||.
+The norms are applied after the exponential, so the scaling and squaring does not depend on
+them (||g|| can be 1e-6).
 """
 
 from __future__ import annotations
@@ -17,24 +18,26 @@ from ._array import array_module
 from .expm import expm_batched
 
 
-def van_loan(G, H, tau):
-    """Exact interval integral.
+def van_loan(G, H, tau, y_start):
+    """Exact integral over an adjoint sub-step of length tau.
 
-    G : (c, ma, ma) adjoint Hessenberg; H : (c, mf, mf) forward Hessenberg; tau : (c,) steps.
-    Returns M_unit (c, ma, mf) = M / (gamma beta), and carry (c, ma) = exp(τ G) e1.
+    G : (c, ma, ma) adjoint Hessenberg; H : (c, mf, mf) forward Hessenberg; tau : (c,) steps;
+    y_start : (c, mf) unit forward coefficients at the sub-step's start (e1 when the adjoint
+    step spans the whole forward interval). The coupling block becomes e1 y_start^T.
+    Returns M_unit (c, ma, mf) = M / (gamma ||y(start)||).
     """
     xp = array_module(G)
     c, ma, _ = G.shape
     mf = H.shape[-1]
     C = xp.zeros((c, ma + mf, ma + mf), dtype=G.dtype)
     C[:, :ma, :ma] = G
-    C[:, 0, ma] = 1.0
+    C[:, 0, ma:] = y_start
     C[:, ma:, ma:] = H.transpose(0, 2, 1)
     E = expm_batched(tau[:, None, None] * C)
-    return E[:, :ma, ma:], E[:, :ma, 0]
+    return E[:, :ma, ma:]
 
 
-def trapezoid(G, H, tau, quad_points: int):
+def trapezoid(G, H, tau, y_start, quad_points: int):
     """The seed package's quadrature of the same integral (Q points), for comparison only.
 
     Same shapes and returns as ``van_loan``; error O(tau^2 / Q^2).
@@ -43,11 +46,9 @@ def trapezoid(G, H, tau, quad_points: int):
     c, ma, _ = G.shape
     frac = xp.linspace(0.0, 1.0, quad_points)
     s = tau[:, None] * frac[None, :]  # (c, Q) forward times
-    y = expm_batched(s[:, :, None, None] * H[:, None])[..., 0]  # (c, Q, mf)
-    ez = expm_batched((tau[:, None] - s)[:, :, None, None] * G[:, None])  # (c, Q, ma, ma)
-    z = ez[..., 0]
+    y = (expm_batched(s[:, :, None, None] * H[:, None]) @ y_start[:, None, :, None])[..., 0]
+    z = expm_batched((tau[:, None] - s)[:, :, None, None] * G[:, None])[..., 0]  # (c, Q, ma)
     weights = xp.full(quad_points, 1.0 / (quad_points - 1))
     weights[0] = weights[-1] = 0.5 / (quad_points - 1)
     w = tau[:, None] * weights[None, :]  # (c, Q)
-    M = (z * w[:, :, None]).transpose(0, 2, 1) @ y  # (c, ma, mf)
-    return M, ez[:, 0, :, 0]
+    return (z * w[:, :, None]).transpose(0, 2, 1) @ y  # (c, ma, mf)
