@@ -24,7 +24,6 @@ from .problem import Problem, check_columns
 DEFAULT_RTOL = 1e-12
 """Default relative tolerance of the Krylov error control (near machine precision)."""
 
-_KEEP_BYTES = 1 << 30  # forward bases kept per chunk; beyond this they are rebuilt
 _PARALLEL_WORK = 1 << 21  # n * columns above which CPU chunks run on a thread pool
 
 
@@ -136,8 +135,9 @@ def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points):
 
     # The augmented operator inherits Lanczos structure only from a zero start: u0 = e_{n+1}.
     horizon = prob.loss.obs_times[-1]
+    keep_bytes = memory_budget(xp) // 2
     states, intervals, acc = march_forward(make_apply, u0, prob.loss.obs_times, horizon, k,
-                                           rtol, _KEEP_BYTES, prob.symmetric and prob.x0 is None)
+                                           rtol, keep_bytes, prob.symmetric and prob.x0 is None)
     loss, jumps = prob.loss.evaluate(states, cols)
     grad_d = march_adjoint(make_apply, apply_T, intervals, jumps, n, horizon, k, rtol, acc,
                            time_integral, quad_points, prob.symmetric)
@@ -210,15 +210,31 @@ def _chunk_threads(prob, n_columns) -> int:
     return max(1, min(os.cpu_count() or 1, n_columns))
 
 
+def predict_chunk_bytes(n: int, columns: int, k: int, itemsize: int = 8) -> int:
+    """Predicted peak working memory (bytes) of one chunk, excluding bases kept across sub-steps.
+
+    Per column: the forward and adjoint bases ((k+1)(n+1) each), a restricted copy of the
+    forward basis in adjoint sub-steps, the (k, n) product W M and its elementwise product
+    with V, and a few state-sized vectors.
+    """
+    per_column = (3 * (k + 1) * (n + 1) + 2 * k * n + 16 * (n + 1)) * itemsize
+    return int(per_column * columns)
+
+
+def memory_budget(xp) -> int:
+    """Bytes the numerics may use: a quarter of available host memory (at most 4 GiB) on the
+    CPU, half of the free device memory on the GPU. Half of it is the chunk's working set,
+    the other half bases kept across sub-steps (beyond that they are rebuilt)."""
+    if xp is np:
+        return min(_available_host_bytes() // 4, 4 << 30)
+    free, _ = xp.cuda.runtime.memGetInfo()  # pragma: no cover - GPU only
+    return int(free // 2)  # pragma: no cover
+
+
 def _default_chunk(prob, k) -> int:
-    """Columns per chunk from free memory: about three bases of (k+1)(n+1) doubles per column."""
-    per_column = 3 * (k + 1) * (prob.n + 1) * 8
-    if prob.xp is np:
-        budget = min(_available_host_bytes() // 4, 2 << 30)
-    else:  # pragma: no cover - GPU only
-        free, _ = prob.xp.cuda.runtime.memGetInfo()
-        budget = free // 3
-    return max(1, int(budget // per_column))
+    """Columns per chunk so that the predicted working set fits half the memory budget."""
+    per_column = predict_chunk_bytes(prob.n, 1, k, prob.dtype.itemsize)
+    return max(1, int(memory_budget(prob.xp) // 2 // per_column))
 
 
 def _available_host_bytes() -> int:
