@@ -102,7 +102,7 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
     while active.size:
         if len(intervals) >= MAX_STEPS:
             raise RuntimeError(f"more than {MAX_STEPS} Krylov sub-steps: increase k")
-        start = u[active] if active.size < c else u
+        start = u[xp.asarray(active)] if active.size < c else u
         remaining = obs[next_obs[active]] - t[active]
         norms = xp.linalg.norm(start, axis=1)
         tol = xp.asarray(rtol * remaining / T)
@@ -112,9 +112,10 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
         reached = tau >= remaining
         u_new = combine(proj.basis, y)
         u = u.copy() if u is u0 else u
-        u[active] = u_new
+        u[xp.asarray(active)] = u_new
         observed = active[reached]
-        states[next_obs[observed], observed] = u_new[xp.asarray(np.nonzero(reached)[0]), : N - 1]
+        states[xp.asarray(next_obs[observed]), xp.asarray(observed)] = \
+            u_new[xp.asarray(np.nonzero(reached)[0]), : N - 1]
         t[active] = np.where(reached, obs[next_obs[active]], t[active] + tau)
         stop = np.where(reached, next_obs[active], -1)
         next_obs[observed] += 1
@@ -141,7 +142,8 @@ def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
     for iv in reversed(intervals):
         hit = iv.stop >= 0
         if hit.any():
-            lam[iv.columns[hit]] += jumps[iv.stop[hit], iv.columns[hit]]
+            rows = xp.asarray(iv.columns[hit])
+            lam[rows] += jumps[xp.asarray(iv.stop[hit]), rows]
         fwd = iv.projection or arnoldi(make_apply(iv.columns), iv.start, k,
                                        fixed_dims=iv.dims, symmetric=iv.symmetric)
         grad += _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral,
@@ -160,7 +162,7 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
     elapsed = np.zeros(iv.columns.size)  # adjoint time covered, from the interval's end
     active = np.arange(iv.columns.size)
     while active.size:
-        rows = iv.columns[active]
+        rows = xp.asarray(iv.columns[active])
         remaining = iv.tau[active] - elapsed[active]
         start = lam[rows]
         norms = xp.linalg.norm(start, axis=1)
@@ -168,7 +170,7 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
         adj = arnoldi(apply_T, start, k, symmetric=symmetric,
                       accept=_acceptor(norms, xp.asarray(remaining), tol, n))
         sigma, z, rel = _choose_steps(adj, remaining, T, rtol, n)
-        acc.adjoint[rows] += rel
+        acc.adjoint[iv.columns[active]] += rel
         acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
         reached = sigma >= remaining
         begin = np.where(reached, 0.0, remaining - sigma)  # forward-local start of the sub-step

@@ -38,7 +38,7 @@ def fit(prob: Problem, theta0, param=None, epochs: int = 20, lr: float = 1e-3, k
         batch_size: int = 32, weight_decay: float = 0.0,
         clamp: tuple[float, float] | None = (-50.0, 50.0), seed: int = 0,
         callback: Callable | None = None, rtol: float = DEFAULT_RTOL,
-        max_chunk_columns: int | None = None):
+        max_chunk_columns: int | None = None, return_info: bool = False):
     """Train theta with Adam on minibatches of columns.
 
     Parameters
@@ -51,12 +51,16 @@ def fit(prob: Problem, theta0, param=None, epochs: int = 20, lr: float = 1e-3, k
     k, rtol, max_chunk_columns : gradient settings (see ``loss_and_grad``)
     seed : minibatch permutation seed; the same seed gives the same result bit for bit
     callback : ``callback(epoch, mean_loss, theta)`` after every epoch
+    return_info : also return a per-epoch log of the gradient's accuracy: lists
+        ``error_estimate`` (largest relative Krylov error estimate of the epoch), ``substeps``
+        (most sub-steps), ``rtol_met`` (every step met rtol)
 
     Returns
     -------
     theta : (n,) array like theta0
     history : list of float, per-epoch mean loss over all columns (theta changing within the
         epoch, as each step's loss is taken before its update)
+    info : dict of per-epoch lists, only with ``return_info=True``
     """
     param = SoftplusParam() if param is None else param
     _check_int(epochs, "epochs", 1)
@@ -69,15 +73,19 @@ def fit(prob: Problem, theta0, param=None, epochs: int = 20, lr: float = 1e-3, k
     check_inputs(prob, theta0, param, k, rtol, max_chunk_columns)
     theta = theta0
     state = adam.init(theta0)
-    history = []
+    history, log = [], {"error_estimate": [], "substeps": [], "rtol_met": []}
     for epoch in range(epochs):
-        epoch_loss = 0.0
+        epoch_loss, infos = 0.0, []
         for batch in epoch_batches(prob.S, batch_size, seed, epoch):
-            loss_sum, grad_sum, count, _ = loss_grad_sums(
+            loss_sum, grad_sum, count, info = loss_grad_sums(
                 prob, theta, param, batch, k, rtol, max_chunk_columns)
             epoch_loss += loss_sum
+            infos.append(info)
             theta, state = adam.step(theta, grad_sum / count, state)
         history.append(epoch_loss / prob.S)
+        log["error_estimate"].append(max(i["error_estimate"] for i in infos))
+        log["substeps"].append(max(i["substeps"] for i in infos))
+        log["rtol_met"].append(all(i["rtol_met"] for i in infos))
         if callback is not None:
             callback(epoch, history[-1], theta)
-    return theta, history
+    return (theta, history, log) if return_info else (theta, history)
