@@ -71,7 +71,8 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
                                     time_integral, quad_points)
     cols = check_columns(columns, prob.S)
     theta_module = array_module(theta)
-    d = param.diag_from_theta(theta_dev)
+    with np.errstate(over="ignore"):  # an overflow is reported just below, as a ValueError
+        d = param.diag_from_theta(theta_dev)
     if not bool(prob.xp.isfinite(d).all()):
         raise ValueError("theta gives a non-finite diagonal d(theta) (overflow in the param map)")
     d = d.astype(prob.dtype, copy=False)

@@ -8,6 +8,7 @@ scheduler-side parameter server.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 from ._array import array_module
@@ -35,8 +36,9 @@ class Adam:
                 raise ValueError(f"{name} must lie in [0, 1), got {b}")
         self.betas = (float(b1), float(b2))
         self.eps = _positive(eps, "eps")
-        if not isinstance(weight_decay, numbers.Real) or weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if (isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)
+                or not math.isfinite(weight_decay) or weight_decay < 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         self.weight_decay = float(weight_decay)
         if clamp is not None:
             lo, hi = (float(c) for c in clamp)
@@ -71,6 +73,7 @@ class Adam:
 
 
 def _positive(x, name) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not x > 0:
-        raise ValueError(f"{name} must be a number > 0, got {x!r}")
+    if (isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x)
+            or not x > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
     return float(x)

@@ -50,7 +50,8 @@ def fit(prob: Problem, theta0, param=None, epochs: int = 20, lr: float = 1e-3, k
     lr, weight_decay, clamp : Adam settings (see ``diagode_dist.optim.Adam``)
     k, rtol, max_chunk_columns : gradient settings (see ``loss_and_grad``)
     seed : minibatch permutation seed; the same seed gives the same result bit for bit
-    callback : ``callback(epoch, mean_loss, theta)`` after every epoch
+    callback : ``callback(epoch, mean_loss, theta)`` after every epoch (epoch counts from 0,
+        as in ``epoch_batches``)
     return_info : also return a per-epoch log of the gradient's accuracy: lists
         ``error_estimate`` (largest relative Krylov error estimate of the epoch), ``substeps``
         (most sub-steps), ``rtol_met`` (every step met rtol)
