@@ -16,7 +16,9 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -35,7 +37,7 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 # The demo problem of the README (DESIGN.md / issue 2): n = 256, S = 64, T = 2, beta = 10.
-DEMO_DEFAULTS = {"n": 256, "S": 64, "epochs": 20, "batch_size": 32, "lr": 0.05, "k": 30, "seed": 0}
+DEMO_DEFAULTS = {"n": 256, "S": 64, "epochs": 20, "batch_size": 32, "lr": 0.1, "k": 30, "seed": 0}
 
 # What a user can get wrong: reported as one line, not a traceback.
 _USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
@@ -197,10 +199,12 @@ def _checked_number(text: str, kind, ok, wanted: str):
 
 
 def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     package = logging.getLogger("diagode_dist")
-    package.addHandler(handler)
+    if not any(getattr(h, "_diagode_cli", False) for h in package.handlers):  # once per process
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler._diagode_cli = True
+        package.addHandler(handler)
     package.setLevel(logging.INFO)
     package.propagate = False
     if not verbose:  # Dask's INFO chatter (worker start/stop) hides the progress bar
@@ -213,13 +217,15 @@ def _setup_logging(verbose: bool) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from diagode_dist.problem import demo_problem
 
+    if args.n_shards is not None and args.n_shards > args.S:
+        raise ValueError(f"--n-shards {args.n_shards} is more than the S = {args.S} columns")
     problem = demo_problem(n=args.n, S=args.S, seed=args.seed)
     options = {"epochs": args.epochs, "lr": args.lr, "k": args.k, "batch_size": args.batch_size,
                "seed": args.seed, "n_shards": args.n_shards}
     with _embedded_client(args.workers, args.cpu) as (client, cluster_kind):
         _print_dashboard(client, cluster_kind)
         run = _submit(client, problem, np.zeros(problem.n), options)
-        theta, history, status, seconds = _wait(run, args.quiet)
+        theta, history, status, seconds = _follow(run, args.quiet, client, cluster_kind)
         summary = _summary("demo", run.run_id, status, seconds, client, cluster_kind, options,
                            {"kind": "demo", "n": problem.n, "S": problem.S, "T": problem.T,
                             "beta": problem.beta})
@@ -239,23 +245,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     spec = config.problem
     files = ProblemFiles(spec.A0, spec.F, spec.labels, T=spec.T, beta=spec.beta, x0=spec.x0)
     files.validate()  # FileNotFoundError / ValueError before any cluster is contacted
-    n = _problem_size(files)
+    n = files.n
     options = _train_options(config)
-    with _client_for(args, slurm) as (client, cluster_kind):
+    if options["n_shards"] is not None and options["n_shards"] > files.S:
+        raise ValueError(f"[train] n_shards = {options['n_shards']} is more than the "
+                         f"S = {files.S} columns of F")
+    with _client_for(args, slurm, out_dir / "slurm-logs", need_workers=True) as (
+            client, cluster_kind):
         _print_dashboard(client, cluster_kind)
         run = _submit(client, files, np.zeros(n), options, checkpoint_dir=out_dir / "checkpoints",
                       resume=args.resume)
         if args.detach:
             _print_detached(run.run_id, args)
             return 0
-        try:
-            theta, history, status, seconds = _wait(run, args.quiet)
-        except KeyboardInterrupt:
-            if cluster_kind == "external":
-                print(f"{PROG}: run {run.run_id} goes on on the scheduler; see "
-                      f"`{PROG} status {run.run_id} {_scheduler_flag(args)}`", file=sys.stderr)
-            raise
-        problem_info = {"kind": "files", "n": n, "T": spec.T, "beta": spec.beta,
+        theta, history, status, seconds = _follow(run, args.quiet, client, cluster_kind,
+                                                  args)
+        problem_info = {"kind": "files", "n": n, "S": files.S, "T": spec.T, "beta": spec.beta,
                         "A0": spec.A0, "F": spec.F, "labels": spec.labels, "x0": spec.x0,
                         "config": args.config.resolve()}
         summary = _summary("train", run.run_id, status, seconds, client, cluster_kind, options,
@@ -280,7 +285,7 @@ def _cmd_result(args: argparse.Namespace) -> int:
                                f"{status['n_steps']}); use --wait to wait for it")
         if status["status"] == "failed":
             raise RuntimeError(f"run {args.run_id} failed: {status.get('error')}")
-        theta, history, status, seconds = _wait(run, args.quiet)
+        theta, history, status, seconds = _follow(run, args.quiet, client, cluster_kind, args)
         summary = _summary("result", run.run_id, status, None, client, cluster_kind, {}, {})
     _write_and_report(args.out, theta, history, summary)
     return 0
@@ -290,16 +295,22 @@ def _cmd_result(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _client_for(args: argparse.Namespace, slurm: SlurmOptions | None) -> Iterator[tuple[Any, str]]:
-    """A Client to the scheduler the arguments name, or to a cluster started here (closed after)."""
+def _client_for(args: argparse.Namespace, slurm: SlurmOptions | None,
+                slurm_logs: Path | None = None,
+                need_workers: bool = False) -> Iterator[tuple[Any, str]]:
+    """A Client to the scheduler the arguments name, or to a cluster started here (closed after).
+
+    slurm_logs: folder for the SLURM jobs' output files (default: SLURM's, the current folder).
+    need_workers: on a running scheduler, wait (--worker-timeout) for at least one worker.
+    """
     if args.scheduler or args.scheduler_file:
         client = _connect(args.scheduler, args.scheduler_file, args.connect_timeout)
         with client:
-            if hasattr(args, "worker_timeout"):
+            if need_workers:
                 _wait_for_workers(client, 1, args.worker_timeout)
             yield client, "external"
     elif slurm is not None:
-        with _slurm_client(slurm, args.worker_timeout) as client:
+        with _slurm_client(slurm, args.worker_timeout, slurm_logs) as client:
             yield client, "slurm"
     else:
         with _embedded_client(args.workers, args.cpu) as pair:
@@ -315,35 +326,50 @@ def _embedded_client(n_workers: int | None, cpu_only: bool) -> Iterator[tuple[An
     gpu = False if cpu_only else "auto"
     with local_cluster(n_workers=n_workers, gpu=gpu) as cluster, Client(cluster) as client:
         yield client, type(cluster).__name__
+        _let_tasks_finish(client)
 
 
 @contextlib.contextmanager
-def _slurm_client(slurm: SlurmOptions, worker_timeout: float) -> Iterator[Any]:
+def _slurm_client(slurm: SlurmOptions, worker_timeout: float,
+                  log_directory: Path | None) -> Iterator[Any]:
     from distributed import Client
 
     from diagode_dist.service.cluster import slurm_cluster
 
     options = asdict(slurm)
+    if log_directory is not None:
+        options["log_directory"] = str(log_directory)
     with slurm_cluster(**options) as cluster, Client(cluster) as client:
-        _wait_for_workers(client, slurm.n_workers, worker_timeout)
+        where = f"; the jobs' logs are in {log_directory}" if log_directory else ""
+        _wait_for_workers(client, slurm.n_workers, worker_timeout, where)
         yield client
+        _let_tasks_finish(client)
+
+
+def _let_tasks_finish(client, timeout: float = 10.0) -> None:
+    """Before closing a cluster started here, let the shard tasks of the finished run exit.
+
+    They return a moment after the server reports the run finished; closing the cluster under
+    them cancels them and Dask logs a warning per task, which looks like a failure.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.run_on_scheduler(_count_tasks) == 0:
+            return
+        time.sleep(0.05)
+
+
+def _count_tasks(dask_scheduler) -> int:
+    return len(dask_scheduler.tasks)
 
 
 def _connect(address: str | None, scheduler_file: Path | None, timeout: float):
     """Client to a running scheduler; ConnectionError naming it if unreachable within timeout."""
-    from distributed import Client
+    from diagode_dist.service.client import connect
 
     if scheduler_file is not None:
         _wait_for_file(scheduler_file, timeout)
-        target = f"scheduler file {scheduler_file}"
-        kwargs = {"scheduler_file": str(scheduler_file)}
-    else:
-        target = f"scheduler {address}"
-        kwargs = {"address": address}
-    try:
-        return Client(timeout=timeout, set_as_default=False, **kwargs)
-    except Exception as err:  # OSError mostly; a non-Dask peer can produce anything
-        raise ConnectionError(f"cannot connect to the Dask {target}: {err}") from None
+    return connect(address=address, scheduler_file=scheduler_file, timeout=timeout)
 
 
 def _wait_for_file(path: Path, timeout: float) -> None:
@@ -356,13 +382,13 @@ def _wait_for_file(path: Path, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def _wait_for_workers(client, count: int, timeout: float) -> None:
+def _wait_for_workers(client, count: int, timeout: float, hint: str = "") -> None:
     try:
         client.wait_for_workers(count, timeout=timeout)
     except TimeoutError:
         raise TimeoutError(f"fewer than {count} Dask worker(s) joined the scheduler "
                            f"{client.scheduler.address} within {timeout:g} s "
-                           f"(--worker-timeout)") from None
+                           f"(--worker-timeout){hint}") from None
 
 
 def _slurm_options(args: argparse.Namespace, config: TrainConfig) -> SlurmOptions | None:
@@ -378,8 +404,10 @@ def _slurm_options(args: argparse.Namespace, config: TrainConfig) -> SlurmOption
             names = ", ".join("--" + key.replace("_", "-") for key in given)
             raise ValueError(f"{names} need(s) --slurm or a [slurm] section in the config")
         return None
-    base = asdict(config.slurm) if config.slurm is not None else {}
-    return check_slurm_options({**base, **given}, where="--slurm: ")
+    merged = {**(asdict(config.slurm) if config.slurm is not None else {}), **given}
+    if merged.get("jobs") is None:
+        raise ValueError("--slurm needs --jobs N (or jobs = N in the config's [slurm] section)")
+    return check_slurm_options(merged, where="--slurm: ")
 
 
 def _scheduler_flag(args: argparse.Namespace) -> str:
@@ -421,9 +449,24 @@ def _submit(client, problem, theta0: np.ndarray, options: dict[str, Any], **extr
 
     kwargs = dict(options)
     param = _param(kwargs.pop("param", "softplus"))
-    run = submit(client, problem, theta0, param=param, **kwargs, **extra)
-    print(f"run id: {run.run_id}", flush=True)
-    return run
+    return submit(client, problem, theta0, param=param, **kwargs, **extra)
+
+
+def _training_page(client) -> str | None:
+    """URL of the service's training page on the dashboard, if the scheduler serves one."""
+    import urllib.error
+    import urllib.request
+
+    link = client.dashboard_link or ""
+    if not link.endswith("/status"):
+        return None
+    url = link[: -len("/status")] + "/diagode"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no http_proxy
+    try:
+        with direct.open(url, timeout=2) as response:
+            return url if response.status == 200 else None
+    except (OSError, ValueError):  # no such route (404), no dashboard, unreachable host
+        return None
 
 
 def _attach(client, run_id: str):
@@ -432,20 +475,13 @@ def _attach(client, run_id: str):
     return attach(client, run_id)
 
 
-def _problem_size(files) -> int:
-    """n of a validated ProblemFiles (rows of F, read from the .npy header only)."""
-    n = getattr(files, "n", None)
-    if n is None:
-        n = np.load(files.F, mmap_mode="r").shape[0]
-    return int(n)
-
-
 @dataclass
 class _ProgressBar:
     """progress(status) callback for RunHandle.wait: a tqdm bar of steps with loss and steps/s."""
 
     enabled: bool
     bar: Any = None
+    shown: tuple | None = None
 
     def __call__(self, status: dict[str, Any]) -> None:
         if not self.enabled:
@@ -455,6 +491,10 @@ class _ProgressBar:
 
             self.bar = tqdm(total=status.get("n_steps") or None, unit="step", desc="training",
                             dynamic_ncols=True, file=sys.stderr)
+        shown = (status.get("step"), status.get("loss"), status.get("steps_per_s"))
+        if shown == self.shown:
+            return  # nothing new: a refresh would print the same line again
+        self.shown = shown
         self.bar.n = int(status.get("step") or 0)
         postfix = {"epoch": f"{status.get('epoch', 0)}/{status.get('epochs', '?')}"}
         if status.get("loss") is not None:
@@ -469,17 +509,70 @@ class _ProgressBar:
             self.bar.close()
 
 
-def _wait(run, quiet: bool) -> tuple[np.ndarray, list[float], dict[str, Any], float]:
-    """Wait for the run; return (theta, history, final status, seconds waited)."""
-    progress = _ProgressBar(enabled=not quiet)
+def _follow(run, quiet: bool, client, cluster_kind: str, args: argparse.Namespace | None = None):
+    """Print the run's id and _wait for it. On Ctrl-C: stop a run on a cluster started here, or
+    say how to follow a run that goes on on a running scheduler; then KeyboardInterrupt."""
+    with _deferred_interrupt() as interrupted:
+        try:
+            print(f"run id: {run.run_id}", flush=True)
+            page = _training_page(client)
+            if page is not None:
+                print(f"training page: {page}", flush=True)
+            return _wait(run, quiet, interrupted)
+        except KeyboardInterrupt:
+            if cluster_kind == "external":
+                print(f"{PROG}: run {run.run_id} goes on on the scheduler; follow it with "
+                      f"`{PROG} status {run.run_id} {_scheduler_flag(args)}`", file=sys.stderr)
+            else:  # the cluster closes with this command: end the run first, quietly
+                with contextlib.suppress(Exception):
+                    run.cancel("interrupted (Ctrl-C) by the user")
+                _let_tasks_finish(client, timeout=5.0)
+            raise
+
+
+def _wait(run, quiet: bool, interrupted: threading.Event):
+    """Wait for the run with a progress bar; return (theta, history, final status, seconds).
+
+    Raises KeyboardInterrupt at the next status poll once ``interrupted`` is set."""
+    bar = _ProgressBar(enabled=not quiet)
     start = time.perf_counter()
+
+    def progress(status: dict[str, Any]) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt  # here, between two calls to the scheduler
+        bar(status)
+
     try:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
         theta, history = run.wait(progress=progress)
         status = run.status()
-        progress(status)  # the bar ends at the final step
     finally:
-        progress.close()
+        bar.close()
     return np.asarray(theta), list(history), status, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[threading.Event]:
+    """Ctrl-C sets an event, checked between calls to the scheduler, instead of raising inside
+    one: a KeyboardInterrupt in the middle of ``Client.sync`` leaves the client unable to close
+    (measured: a NameError in distributed's cancel callback, then a 20 s time-out). A second
+    Ctrl-C interrupts at once."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # signal handlers can only be set from the main thread
+        return
+
+    def on_sigint(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _summary(command: str, run_id: str, status: dict[str, Any], seconds: float | None, client,

@@ -33,7 +33,7 @@ def write_outputs(
     summary: JSON-able facts about the run (NumPy scalars and arrays are converted).
 
     Files (keys of the returned dict): ``theta`` theta.npy; ``history`` history.csv with columns
-    epoch, mean_loss; ``plot`` loss.png (mean loss per epoch, log scale when all positive);
+    epoch, mean_loss; ``plot`` loss.png (mean loss per epoch, log scale if over a decade);
     ``summary`` summary.json. Each file is written to a temporary name and renamed, so a reader
     never sees a half-written file.
     """
@@ -41,6 +41,7 @@ def write_outputs(
     history = _history_floats(history)
     if not isinstance(summary, Mapping):
         raise TypeError(f"summary must be a mapping, got {type(summary).__name__}")
+    summary_text = json.dumps(_jsonable(dict(summary)), indent=2, sort_keys=True, allow_nan=True)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir exists and is not a folder: {out_dir}")
@@ -54,7 +55,6 @@ def write_outputs(
     _atomic_write(paths["theta"], lambda stream: np.save(stream, theta))
     _atomic_write(paths["history"], lambda stream: _write_history(stream, history), text=True)
     _atomic_write(paths["plot"], lambda stream: _plot_history(stream, history))
-    summary_text = json.dumps(_jsonable(dict(summary)), indent=2, sort_keys=True, allow_nan=True)
     _atomic_write(paths["summary"], lambda stream: stream.write(summary_text + "\n"), text=True)
     return paths
 
@@ -89,6 +89,7 @@ def _plot_history(stream, history: list[float]) -> None:
     # The object API with the Agg canvas: no pyplot global state, no GUI backend needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(6.0, 4.0), dpi=100)
     FigureCanvasAgg(figure)
@@ -96,8 +97,9 @@ def _plot_history(stream, history: list[float]) -> None:
     epochs = np.arange(1, len(history) + 1)
     axes.plot(epochs, history, marker="o", markersize=3)
     finite = [value for value in history if math.isfinite(value)]
-    if finite and min(finite) > 0:
-        axes.set_yscale("log")
+    if finite and min(finite) > 0 and max(finite) > 10 * min(finite):
+        axes.set_yscale("log")  # only when the loss spans more than a decade
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel("mean loss")
     axes.set_title("training loss")
