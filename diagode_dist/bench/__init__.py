@@ -1,6 +1,6 @@
 """``diagode-dist bench``: our gradient against its peers, side by side in one run.
 
-    python -m diagode_dist.bench [--quick] [--cases demo,n1024,stiff2d] [--repeat R]
+    python -m diagode_dist.bench [--quick] [--cases demo,n1024,stiff2d|none] [--repeat R]
                                  [--peer-budget SECONDS] [--no-peers] [--scaling] [--gpu]
                                  [--markdown]
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from . import cases as _cases
 from .machine import describe_machine
+from .table import heading, render_table
 
 __all__ = ["main", "run_case", "format_table"]
 
@@ -74,7 +75,7 @@ def _measure(row: Row, call: Callable[[float], tuple[float, Any]], repeat: int,
             loss, grad = call(deadline)
         except PeerTimeout as exc:
             if not row.times:
-                row.note = f"stopped at the {budget:.0f} s budget: {exc}"
+                row.note = f"stopped (>{budget:.0f} s; see --peer-budget): {exc}"
             break
         except Exception as exc:  # a peer failing is a result to report
             row.note = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:80]}"
@@ -95,7 +96,8 @@ def _host_array(a: Any) -> np.ndarray:
 def _score(row: Row, ref_loss: float, ref_grad: np.ndarray) -> Row:
     if row.grad is not None:
         row.rel_grad = _cases.relative_error(row.grad, ref_grad)
-        row.rel_loss = abs(row.loss - ref_loss) / abs(ref_loss) if math.isfinite(row.loss) else math.inf
+        finite = math.isfinite(row.loss)
+        row.rel_loss = abs(row.loss - ref_loss) / abs(ref_loss) if finite else math.inf
     return row
 
 
@@ -136,7 +138,8 @@ def _peer_methods(case: _cases.Case) -> dict[str, Callable | str]:
     methods: dict[str, Callable | str] = dict(peers.TORCH_PEERS)
     n, S = case.problem.F.shape
     if n + S > DENSE_PEER_MAX:
-        methods[peers.DENSE_PEER] = f"skipped (>60 s: dense exponential of size n+S = {n + S})"
+        methods[peers.DENSE_PEER] = (f"skipped (>60 s): dense exponential of size n+S = {n + S} "
+                                     f"> {DENSE_PEER_MAX}")
     return methods
 
 
@@ -147,7 +150,8 @@ def run_case(case: _cases.Case, repeat: int = 5, budget: float = 60.0,
     log(f"[{case.name}] exact reference ...")
     reference = Row(case.name, REFERENCE)
     _measure(reference, lambda _d: _cases.exact_loss_and_grad(case.problem, case.theta), 1, budget)
-    reference.note = "the reference (1 run)"
+    if reference.grad is not None:
+        reference.note = f"the reference (1 run); loss = {reference.loss:.6g}"
     rows = [reference]
     for method, call in _our_methods().items():
         log(f"[{case.name}] {method} ...")
@@ -164,8 +168,9 @@ def run_case(case: _cases.Case, repeat: int = 5, budget: float = 60.0,
             rows.append(_measure(Row(case.name, method),
                                  lambda d, peer=peer: peer(case.problem, case.theta, d),
                                  repeat, budget))
-    for row in rows[1:]:
-        _score(row, reference.loss, reference.grad)
+    if reference.grad is not None:
+        for row in rows[1:]:
+            _score(row, reference.loss, reference.grad)
     _add_accuracy_note(rows, case)
     return rows
 
@@ -176,8 +181,10 @@ def _add_accuracy_note(rows: list[Row], case: _cases.Case) -> None:
     if row is None:
         return
     info = _ours(case.problem, case.theta, return_info=True)[2]
+    met = "met" if info["rtol_met"] else "NOT met"
     row.note += (f"; dims fwd {info['forward_dim']}/adj {info['adjoint_dim']} of k={info['k']}, "
-                 f"{info['substeps']} sub-step(s), est. {info['error_estimate']:.0e}")
+                 f"{info['substeps']} sub-step(s), est. {info['error_estimate']:.0e} "
+                 f"(rtol {info['rtol']:g} {met})")
 
 
 # ---- formatting -------------------------------------------------------------------------------
@@ -206,25 +213,15 @@ def format_table(rows: Sequence[Row], markdown: bool = False,
     """The rows as a text (aligned) or Markdown table; ratios relative to OURS on each case."""
     ours = {row.case: row.median for row in rows if row.method == OURS}
     body = [_cells(row, ours.get(row.case)) for row in rows]
-    return _table(list(columns), body, markdown)
-
-
-def _table(header: list[str], body: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in body]
-    return "\n".join(line.rstrip() for line in lines)
+    return render_table(columns, body, markdown)
 
 
 # ---- command line -----------------------------------------------------------------------------
 
 
 def _case_list(text: str) -> list[str]:
+    if text.strip() == "none":  # e.g. --gpu alone
+        return []
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in _cases.CASE_NAMES]
     if not names or unknown:
@@ -255,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="tiny case, one run each (a smoke test of the harness)")
     parser.add_argument("--cases", type=_case_list, default=None,
-                        help=f"comma-separated, from {','.join(_cases.CASE_NAMES)} "
+                        help=f"comma-separated, from {','.join(_cases.CASE_NAMES)}, or none "
                         f"(default: {','.join(_cases.DEFAULT_CASES)})")
     parser.add_argument("--repeat", type=_positive(int), default=None,
                         help="timed runs per method (default 5; 1 with --quick)")
@@ -268,8 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scaling", action="store_true",
                         help="also time ours against n, S and k on sparse grid problems")
     parser.add_argument("--gpu", action="store_true",
-                        help="also run ours on CuPy (n ~ 1e5, S = 1024) with the orthogonalisation's "
-                        "bytes moved, bandwidth and roofline fraction")
+                        help="also run ours on CuPy (n ~ 1e5, S = 1024) with the "
+                        "orthogonalisation's bytes moved, bandwidth and roofline fraction")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     return parser
 
@@ -277,7 +274,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark command line ``argv`` (default ``sys.argv[1:]``); returns 0."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    names = args.cases or (["tiny"] if args.quick else list(_cases.DEFAULT_CASES))
+    names = args.cases
+    if names is None:
+        names = ["tiny"] if args.quick else list(_cases.DEFAULT_CASES)
     repeat = args.repeat or (1 if args.quick else 5)
     with_peers = not args.no_peers
     if with_peers:
@@ -286,40 +285,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         if peers.available() is None:
             peers.configure_torch(args.threads)
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    print(_heading("diagode-dist benchmark", args.markdown))
+    print(heading("diagode-dist benchmark", args.markdown))
     print(describe_machine(args.markdown, torch_threads=args.threads if with_peers else None))
     print()
+    if names:
+        print(_cases_section(names, repeat, args.peer_budget, with_peers, args.markdown))
+    if args.scaling:
+        from .scaling import scaling_table
+
+        print()
+        print(heading("Scaling of our time with n, S and k (sparse grid problems)", args.markdown))
+        print(scaling_table(repeat=min(repeat, 3), markdown=args.markdown, quick=args.quick,
+                            log=_log))
+    if args.gpu:
+        from .roofline import gpu_report
+
+        print()
+        print(heading("GPU: orthogonalisation bandwidth against the roofline", args.markdown))
+        print(gpu_report(repeat=min(repeat, 3), markdown=args.markdown, budget=args.peer_budget,
+                         log=_log))
+    return 0
+
+
+def _log(message: str) -> None:
+    """Progress goes to stderr, so that stdout is the report alone."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cases_section(names: Sequence[str], repeat: int, budget: float, with_peers: bool,
+                   markdown: bool) -> str:
+    """Build and run every case; the legend of cases and the table."""
     rows: list[Row] = []
     legend: dict[str, str] = {}
     for name in names:
         case = _cases.build_case(name)
         legend[name] = case.description
-        log(f"[{name}] {case.description}")
-        rows.extend(run_case(case, repeat=repeat, budget=args.peer_budget,
-                             with_peers=with_peers, log=log))
-    print(_case_legend(legend, args.markdown))
-    print()
-    print(format_table(rows, args.markdown))
-    if args.scaling:
-        from .scaling import scaling_table
-
-        print()
-        print(_heading("Scaling of our time with n, S and k (sparse grid problems)", args.markdown))
-        print(scaling_table(repeat=min(repeat, 3), markdown=args.markdown, log=log))
-    if args.gpu:
-        from .roofline import gpu_report
-
-        print()
-        print(_heading("GPU: orthogonalisation bandwidth against the roofline", args.markdown))
-        print(gpu_report(repeat=min(repeat, 3), markdown=args.markdown, log=log))
-    return 0
-
-
-def _heading(text: str, markdown: bool) -> str:
-    return f"### {text}" if markdown else f"{text}\n{'=' * len(text)}"
+        _log(f"[{name}] {case.description}")
+        rows.extend(run_case(case, repeat=repeat, budget=budget, with_peers=with_peers, log=_log))
+    return _case_legend(legend, markdown) + "\n\n" + format_table(rows, markdown)
 
 
 def _case_legend(descriptions: dict[str, str], markdown: bool) -> str:

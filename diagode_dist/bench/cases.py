@@ -60,21 +60,24 @@ def _softplus_diag(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return -softplus(theta), -scipy.special.expit(theta)
 
 
-def _dense(A0: Any) -> np.ndarray:
-    if scipy.sparse.issparse(A0):
-        return np.asarray(A0.toarray(), dtype=np.float64)
-    if hasattr(A0, "get"):  # a CuPy array: the reference is a CPU computation
+def dense_matrix(A0: Any) -> np.ndarray:
+    """A0 (NumPy/CuPy, dense or SciPy/CuPy sparse) as a dense float64 host array."""
+    if hasattr(A0, "get"):  # CuPy, dense or sparse: the reference is a CPU computation
         A0 = A0.get()
+    if scipy.sparse.issparse(A0):
+        A0 = A0.toarray()
     return np.asarray(A0, dtype=np.float64)
 
 
-def _host(a: Any) -> np.ndarray | None:
+def host_array(a: Any) -> np.ndarray | None:
+    """A NumPy/CuPy array as float64 host ndarray (None stays None)."""
     if a is None:
         return None
     return np.asarray(a.get() if hasattr(a, "get") else a, dtype=np.float64)
 
 
-def exact_loss_and_grad(prob: Any, theta: np.ndarray, param: Any = None) -> tuple[float, np.ndarray]:
+def exact_loss_and_grad(prob: Any, theta: np.ndarray,
+                        param: Any = None) -> tuple[float, np.ndarray]:
     """Exact loss and dL/dθ by two dense exponentials (sizes n+S and 2n+S).
 
     prob: object with ``A0`` (n, n) dense/sparse, ``F`` (n, S), ``labels`` (S,), ``T``, ``beta``,
@@ -82,17 +85,16 @@ def exact_loss_and_grad(prob: Any, theta: np.ndarray, param: Any = None) -> tupl
     ``dtheta_from_ddiag`` (default: d = -softplus(θ), as ``SoftplusParam``).
     Returns (loss, grad) with grad an (n,) float64 ndarray. Cost O((2n+S)^3): small n only.
     """
-    A0 = _dense(prob.A0)
-    F = _host(prob.F)
-    labels = np.asarray(_host(prob.labels), dtype=np.int64)
-    theta = np.asarray(_host(theta), dtype=np.float64)
+    A0 = dense_matrix(prob.A0)
+    F = host_array(prob.F)
+    labels = np.asarray(host_array(prob.labels), dtype=np.int64)
+    theta = np.asarray(host_array(theta), dtype=np.float64)
     n, S = F.shape
     if A0.shape != (n, n) or theta.shape != (n,) or labels.shape != (S,):
-        raise ValueError(
-            f"shapes disagree: A0 {A0.shape}, F {F.shape}, labels {labels.shape}, theta {theta.shape}"
-        )
+        raise ValueError(f"shapes disagree: A0 {A0.shape}, F {F.shape}, labels {labels.shape}, "
+                         f"theta {theta.shape}")
     T, beta = float(prob.T), float(prob.beta)
-    x0 = _host(getattr(prob, "x0", None))
+    x0 = host_array(getattr(prob, "x0", None))
 
     if param is None:
         d, dprime = _softplus_diag(theta)

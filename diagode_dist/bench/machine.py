@@ -42,9 +42,9 @@ def _blas() -> str:
     except ImportError:
         return "unknown"
     pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
-    return ", ".join(
-        f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)" for p in pools
-    ) or "unknown"
+    described = [f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
+                 for p in pools]
+    return ", ".join(described) or "unknown"
 
 
 def describe_machine(markdown: bool = False, torch_threads: int | None = None) -> str:

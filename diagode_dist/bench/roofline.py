@@ -26,7 +26,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
+
+import numpy as np
 
 ITEMSIZE = 8  # float64
 
@@ -133,3 +136,177 @@ def columns_that_fit(free_bytes: int, state: int, steps: int, wanted: int,
     vectors use at most ``fraction`` of ``free_bytes``."""
     per_column = ITEMSIZE * state * (steps + 4)
     return max(1, min(wanted, int(fraction * free_bytes // per_column)))
+
+
+# ---- the --gpu report -------------------------------------------------------------------------
+
+GPU_GRID = 316  # n = 316^2 = 99856, about 1e5
+GPU_COLUMNS = (1024, 512, 256)  # S, halved while it does not fit
+
+
+def gpu_unavailable() -> str | None:
+    """None when CuPy imports and sees a CUDA device, else the reason (for the skip line)."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install 'diagode-dist[gpu]')"
+    except Exception as exc:  # a broken CUDA install raises other errors on import
+        return f"CuPy does not import: {type(exc).__name__}: {exc}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return f"no CUDA device: {type(exc).__name__}: {exc}"
+    return None if count > 0 else "no CUDA device visible"
+
+
+def _device_name(cp: Any) -> str:
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _host_problem(m: int, S: int) -> SimpleNamespace:
+    """The GPU case on the host: ``cases.grid_arrays`` (n = m^2) as a problem-like object."""
+    from .cases import grid_arrays
+
+    return SimpleNamespace(x0=None, **grid_arrays(m, S))
+
+
+def _device_problem(cp: Any, host: SimpleNamespace):
+    import cupyx.scipy.sparse as cusp
+
+    import diagode_dist as dd
+
+    prob = dd.Problem(cusp.csr_matrix(host.A0), cp.asarray(host.F), cp.asarray(host.labels),
+                      T=host.T, beta=host.beta)
+    return prob, cp.asarray(host.theta)
+
+
+@dataclass
+class GradientTiming:
+    """Our gradient on the device: S used, median seconds, info dict, gradient (host)."""
+
+    host: SimpleNamespace
+    seconds: float
+    info: dict
+    grad: Any
+
+
+def _time_gradient(cp: Any, host: SimpleNamespace, k: int, repeat: int) -> GradientTiming:
+    """Median seconds of ``dd.loss_and_grad`` on the device (after a warm-up call)."""
+    import diagode_dist as dd
+
+    sync = _synchronizer(cp)
+    prob, theta = _device_problem(cp, host)
+    _loss, grad, info = dd.loss_and_grad(prob, theta, k=k, return_info=True)
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        dd.loss_and_grad(prob, theta, k=k)
+        sync()
+        times.append(time.perf_counter() - start)
+    return GradientTiming(host, sorted(times)[len(times) // 2], info, cp.asnumpy(grad))
+
+
+def _fit_gradient(cp: Any, k: int, repeat: int, log: Callable[[str], None]) -> GradientTiming:
+    """Time the gradient at the largest S of GPU_COLUMNS that fits on the device."""
+    for S in GPU_COLUMNS:
+        log(f"[gpu] loss_and_grad n={GPU_GRID**2} S={S} k={k} ...")
+        try:
+            return _time_gradient(cp, _host_problem(GPU_GRID, S), k, repeat)
+        except cp.cuda.memory.OutOfMemoryError:
+            log(f"[gpu] S={S} does not fit; halving")
+        finally:
+            cp.get_default_memory_pool().free_all_blocks()
+    raise RuntimeError(f"not even S={GPU_COLUMNS[-1]} fits on the device")
+
+
+def _ortho_bytes(S: int, n: int, info: dict) -> int:
+    """CGS2 bytes of one gradient, from the dimensions it used: forward sweeps on N = n+1 and
+    adjoint sweeps on N = n, one of each per sub-step. An upper bound: columns that converge
+    earlier stop earlier. (Forward bases rebuilt for the adjoint when they do not fit in memory
+    would add another forward sweep.)"""
+    steps = int(info["substeps"])
+    return steps * (cgs2_sweep_bytes(S, n + 1, int(info["forward_dim"]))
+                    + cgs2_sweep_bytes(S, n, int(info["adjoint_dim"])))
+
+
+def _torch_peer_cells(ours: GradientTiming, budget: float, log: Callable[[str], None]):
+    """torchdiffeq odeint_adjoint on CUDA (sparse CSR A0) on the same problem: table cells."""
+    from . import peers
+
+    reason = peers.available()
+    if reason is None:
+        import torch
+
+        reason = None if torch.cuda.is_available() else "torch sees no CUDA device"
+    if reason:
+        return [f"torchdiffeq odeint_adjoint (CUDA): skipped: {reason}"] + ["-"] * 9
+    import torch
+
+    log("[gpu] torchdiffeq odeint_adjoint on CUDA ...")
+    peers.odeint_adjoint(_host_problem(8, 4), np.zeros(64), device="cuda", sparse=True)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    try:
+        _loss, grad = peers.odeint_adjoint(ours.host, ours.host.theta, start + budget, "cuda",
+                                           sparse=True)
+        torch.cuda.synchronize()
+    except Exception as exc:  # a timeout or a failure is a result to show
+        return [f"torchdiffeq odeint_adjoint (CUDA): {type(exc).__name__}: {exc}"] + ["-"] * 9
+    seconds = time.perf_counter() - start
+    difference = float(np.linalg.norm(grad - ours.grad) / np.linalg.norm(ours.grad))
+    return ["torchdiffeq odeint_adjoint dopri5 1e-9 (CUDA, sparse CSR)", str(ours.host.F.shape[0]),
+            str(ours.host.F.shape[1]), f"rel. diff. of gradient vs ours {difference:.1e}",
+            f"{seconds:.3g}", f"{seconds / ours.seconds:.3g} x ours", "-", "-", "-", "-"]
+
+
+def gpu_report(repeat: int = 3, markdown: bool = False, k: int = 30, budget: float = 60.0,
+               log: Callable[[str], None] | None = None) -> str:
+    """The --gpu section: device, measured copy bandwidth and DGEMM rate, our gradient's time at
+    n ~ 1e5, S = 1024, the CGS2 sweep's bytes, bandwidth and roofline fraction, and torchdiffeq's
+    adjoint on the same device and problem."""
+    from .table import render_table
+
+    reason = gpu_unavailable()
+    if reason:
+        return f"GPU benchmark skipped: {reason}."
+    import cupy as cp
+
+    log = log or (lambda _msg: None)
+    bullet = "- " if markdown else "  "
+    log("[gpu] copy bandwidth and DGEMM rate ...")
+    bandwidth, peak_flops = copy_bandwidth(cp), gemm_flops(cp)
+    ours = _fit_gradient(cp, k, repeat, log)
+    info, (n, S) = ours.info, ours.host.F.shape
+    free, total = cp.cuda.runtime.memGetInfo()
+    # 0.3: matmul on the transposed basis views may make contiguous copies of them
+    columns = columns_that_fit(free, n + 1, int(info["forward_dim"]) + 1, S, fraction=0.3)
+    log(f"[gpu] CGS2 sweep c={columns} N={n + 1} m=1..{info['forward_dim']} ...")
+    sweep = cgs2_sweep(cp, columns, n + 1, int(info["forward_dim"]), repeat=repeat)
+    cp.get_default_memory_pool().free_all_blocks()
+    ortho = _ortho_bytes(S, n, info)
+    lines = [
+        f"{bullet}device: {_device_name(cp)}, {total / 2**30:.0f} GiB",
+        f"{bullet}measured copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s; "
+        f"measured float64 GEMM: {peak_flops / 1e12:.1f} TFLOP/s",
+        f"{bullet}byte count of CGS2 per Arnoldi step (c columns, state N, m basis vectors): "
+        "8 c N (4 m + 10); per k-step sweep 8 c N (2 k (k+1) + 10 k)",
+        "",
+    ]
+    header = ("what", "n", "S / c", "Krylov dims", "time [s]", "bytes (CGS2)", "GB/s",
+              "of copy BW", "GFLOP/s", "of DGEMM")
+    body = [
+        ["loss_and_grad (whole, median)", str(n), str(S),
+         f"fwd {info['forward_dim']}/adj {info['adjoint_dim']}, {info['substeps']} sub-step(s)",
+         f"{ours.seconds:.3g}", f"{ortho:.3g}",
+         f"{ortho / ours.seconds / 1e9:.0f} (if CGS2 only)",
+         f"CGS2 share at sweep BW: {ortho / sweep.bytes_per_s / ours.seconds:.0%}", "-", "-"],
+        ["CGS2 sweep alone (krylov._cgs2, best)", str(n + 1), str(columns),
+         f"m = 1..{sweep.steps}", f"{sweep.seconds:.3g}", f"{sweep.bytes:.3g}",
+         f"{sweep.bytes_per_s / 1e9:.0f}", f"{sweep.bytes_per_s / bandwidth:.0%}",
+         f"{sweep.flops_per_s / 1e9:.0f}", f"{sweep.flops_per_s / peak_flops:.1%}"],
+        _torch_peer_cells(ours, budget, log),
+    ]
+    return "\n".join(lines) + "\n" + render_table(header, body, markdown)
