@@ -12,8 +12,19 @@ from .param import DiagonalParam, ExpParam, SoftplusParam
 from .problem import Problem, demo_problem
 from .train import epoch_batches, fit
 
+# The Dask service is imported on first use, so ``import diagode_dist`` does not load distributed.
+_SERVICE = {"submit", "attach", "fit_distributed", "ProblemFiles", "RunHandle", "connect"}
+
 __all__ = [
     "Problem", "demo_problem", "SoftplusParam", "ExpParam", "DiagonalParam",
-    "loss_and_grad", "loss_grad_sums", "fit", "epoch_batches", "Adam",
+    "loss_and_grad", "loss_grad_sums", "fit", "epoch_batches", "Adam", *sorted(_SERVICE),
 ]
+
+
+def __getattr__(name):
+    if name in _SERVICE:
+        from . import service
+
+        return getattr(service, name)
+    raise AttributeError(f"module 'diagode_dist' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -1,0 +1,302 @@
+"""Shard workers: one long-running Dask task per shard, looping pull -> loss/gradient -> push.
+
+A shard owns the contiguous global columns ``[lo, hi)`` (``np.array_split`` of the columns into
+``n_shards`` parts). Its task (key ``("diagode-shard", run_id, shard)``):
+
+1. ``secede()``s first, so waiting for theta never holds a worker thread: more shards than
+   threads cannot deadlock.
+2. Loads its columns once: from files (``ProblemFiles``: memory-mapped column slices) or from
+   the task graph (in-memory ``Problem``: the columns travel inside the task, A0 as a shared
+   dependency, so Dask can recompute both if a worker dies, which scattered data would not
+   survive). A0 is loaded once per worker process (cached here), and everything is moved to
+   the GPU once when the worker sees one (CuPy), else stays in NumPy.
+3. Loops: pull theta at the server's step (one pull per worker process, shared by its shards),
+   compute ``loss_grad_sums`` on its columns of that step's minibatch (the same
+   ``epoch_batches`` as ``dd.fit``), push (loss_sum, grad_sum, count). A rerun task starts
+   by pulling and so resumes at the server's current step.
+
+What the dashboard shows: the task stream has one long bar per shard task, prefix
+``diagode-shard`` (a seceded task is "long-running"). The time inside it is broken down in the
+dashboard's *Fine Performance Metrics* page (prefix ``diagode-shard``) under the activities
+``pull-theta``, ``forward-adjoint`` (the Krylov forward and adjoint passes), ``push-gradient``
+and ``load-shard``; Dask reports these when the task ends. Live per-shard timings go to the
+parameter server with every push (``status()["shard_timings"]``).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from distributed import get_worker, secede
+from distributed.metrics import context_meter
+from distributed.protocol.serialize import ToPickle
+from distributed.utils import sync
+
+from diagode_dist.service.files import ProblemFiles
+
+_OPERATOR_CACHE_SIZE = 2  # A0s kept per worker process (host and device copies count apart)
+_PULL_TIMEOUT_S = 10.0  # a pull waits at most this long on the scheduler, then asks again
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What one shard task needs to know besides its data (plain, picklable values)."""
+
+    run_id: str
+    shard: int
+    n_shards: int
+    lo: int  # first global column of the shard
+    hi: int  # one past the last
+    S: int  # columns in the whole problem
+    batch_size: int
+    seed: int
+    steps_per_epoch: int
+    param: Any
+    k: int
+    rtol: float
+
+
+def shard_columns(S: int, n_shards: int) -> list[tuple[int, int]]:
+    """[lo, hi) global column ranges of the shards: np.array_split of range(S)."""
+    bounds = np.array_split(np.arange(S), n_shards)
+    return [(int(part[0]), int(part[-1]) + 1) for part in bounds]
+
+
+def shard_loop(spec: ShardSpec, data, operator=None) -> dict:
+    """Body of a shard task; returns a summary when the run ends (finished or failed).
+
+    ``data``: a ``ProblemFiles``, or the shard's columns of an in-memory Problem with its
+    operator detached (``detach_operator``); ``operator``: then its A0 (a Dask dependency),
+    None for files.
+    """
+    secede()  # before anything that waits: the thread slot goes back to the worker
+    worker = get_worker()
+    with context_meter.meter("load-shard"):
+        started = time.perf_counter()
+        prob = _load_problem(spec, data, operator)
+        load_s = time.perf_counter() - started
+    link = _ServerLink(worker, spec.run_id)
+    batches = _Minibatches(spec)
+    steps, status, want = 0, "running", 0
+    try:
+        while status == "running":
+            with context_meter.meter("pull-theta"):
+                started = time.perf_counter()
+                reply = link.pull(want)
+                pull_s = time.perf_counter() - started
+            status = reply["status"]
+            if status != "running" or reply["step"] < want:
+                continue  # ended, or no new step within the pull timeout: ask again
+            step = reply["step"]
+            with context_meter.meter("forward-adjoint"):
+                started = time.perf_counter()
+                loss_sum, grad_sum, count, accuracy = _loss_grad(
+                    prob, reply["theta"], spec, batches.local_columns(step))
+                compute_s = time.perf_counter() - started
+            timings = {"compute_s": compute_s, "pull_s": pull_s, "load_s": load_s,
+                       "columns": count, "backend": prob.xp.__name__,
+                       "worker": worker.address, **accuracy}
+            with context_meter.meter("push-gradient"):
+                status = link.push(step, spec.shard, loss_sum, grad_sum, count, timings)
+            steps += 1
+            want = step + 1
+    finally:
+        link.close()
+    return {"run_id": spec.run_id, "shard": spec.shard, "status": status, "steps": steps,
+            "worker": worker.address, "backend": prob.xp.__name__}
+
+
+def _loss_grad(prob, theta: np.ndarray, spec: ShardSpec, columns: np.ndarray):
+    """(loss_sum, grad_sum as NumPy, count, accuracy) of this shard's columns.
+
+    Zeros when the shard has no column in this step; accuracy: the Krylov error estimate.
+    """
+    from diagode_dist._array import to_numpy
+    from diagode_dist.adjoint import loss_grad_sums
+
+    if columns.size == 0:
+        return 0.0, np.zeros_like(theta), 0, {}
+    theta_dev = prob.xp.asarray(np.require(theta, requirements="A"))  # see _aligned
+    loss_sum, grad_sum, count, info = loss_grad_sums(prob, theta_dev, spec.param,
+                                                     columns=columns, k=spec.k, rtol=spec.rtol)
+    accuracy = {key: info[key] for key in ("error_estimate", "rtol_met") if key in info}
+    return float(loss_sum), to_numpy(grad_sum), int(count), accuracy
+
+
+class _Minibatches:
+    """This shard's local columns of each step's minibatch (global order, sorted)."""
+
+    def __init__(self, spec: ShardSpec):
+        self.spec = spec
+        self._epoch = None
+        self._batches: list[np.ndarray] = []
+
+    def local_columns(self, step: int) -> np.ndarray:
+        from diagode_dist.train import epoch_batches
+
+        spec = self.spec
+        epoch, index = divmod(step, spec.steps_per_epoch)
+        if epoch != self._epoch:
+            self._batches = epoch_batches(spec.S, spec.batch_size, spec.seed, epoch)
+            self._epoch = epoch
+        batch = self._batches[index]
+        mine = np.sort(batch[(batch >= spec.lo) & (batch < spec.hi)])
+        return (mine - spec.lo).astype(np.int64)
+
+
+# ---- data loading, cached per worker process -------------------------------------------------
+
+_operators: collections.OrderedDict = collections.OrderedDict()
+_operators_lock = threading.Lock()
+
+
+def _load_problem(spec: ShardSpec, data, operator):
+    """The shard's Problem on the worker's device (CuPy if it sees a GPU, else NumPy)."""
+    from diagode_dist._array import gpu_available
+
+    if isinstance(data, ProblemFiles):
+        token = data.operator_token()
+        host_A0 = _cached(token, data.load_operator)
+        piece = data.load_shard(slice(spec.lo, spec.hi), A0=host_A0)
+    else:
+        token, piece = ("graph", spec.run_id), data
+        host_A0 = _cached(token, lambda: _aligned(operator))
+    if gpu_available():
+        import cupy
+
+        device_A0 = _cached(token + ("cupy",), lambda: _operator_to(host_A0, cupy))
+        return attach_operator(piece, device_A0).to_device(cupy)  # A0 is not copied again
+    return piece if piece.A0 is host_A0 else attach_operator(piece, host_A0)
+
+
+def detach_operator(piece):
+    """A copy of a (host) Problem without A0, to ship a shard's columns without the operator.
+
+    The operator travels once per worker instead (a shared Dask dependency or a file).
+    """
+    bare = copy.copy(piece)
+    bare.A0 = bare.A0T = None
+    return bare
+
+
+def attach_operator(piece, A0):
+    """A copy of ``piece`` using operator ``A0`` (and its transpose, as ``Problem`` keeps it)."""
+    from diagode_dist._array import is_sparse
+
+    prob = copy.copy(piece)
+    prob.A0 = A0
+    prob.A0T = A0.T.tocsr() if is_sparse(A0) else A0.T
+    return prob
+
+
+def _aligned(A0):
+    """A0 with its buffers aligned to their item size (copied only when they are not).
+
+    Arrays unpickled from a Dask message can start at any byte; NumPy then takes other
+    (unaligned) loops whose last bits differ, which would make results depend on transport.
+    """
+    import scipy.sparse as sp
+
+    if sp.issparse(A0):
+        buffers = (A0.data, A0.indices, A0.indptr)
+        if all(b.flags.aligned for b in buffers):
+            return A0
+        return sp.csr_matrix(tuple(np.require(b, requirements="A") for b in buffers),
+                             shape=A0.shape)
+    return np.require(A0, requirements="A")
+
+
+def _operator_to(A0, xp):
+    from diagode_dist._array import is_sparse, sparse_to_module, to_module
+
+    return sparse_to_module(A0, xp) if is_sparse(A0) else to_module(A0, xp)
+
+
+def _cached(token, load):
+    """Per-process cache of operators: shards of one worker share one A0 (and one load)."""
+    with _operators_lock:
+        if token in _operators:
+            _operators.move_to_end(token)
+            return _operators[token]
+        value = load()  # under the lock: a second shard waits instead of loading it again
+        _operators[token] = value
+        while len(_operators) > _OPERATOR_CACHE_SIZE:
+            _operators.popitem(last=False)
+        return value
+
+
+# ---- talking to the parameter server ---------------------------------------------------------
+
+class _SharedPull:
+    """The latest pull reply of one run in this worker process, shared by its shards."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.reply: dict | None = None
+        self.in_flight = False
+        self.users = 0
+
+
+_pulls: dict[str, _SharedPull] = {}
+_pulls_lock = threading.Lock()
+
+
+class _ServerLink:
+    """RPCs from a shard thread to the scheduler's parameter server."""
+
+    def __init__(self, worker, run_id: str):
+        self.worker, self.run_id = worker, run_id
+        with _pulls_lock:
+            self.shared = _pulls.setdefault(run_id, _SharedPull())
+            self.shared.users += 1
+
+    def pull(self, want: int) -> dict:
+        """{"status", "step", "theta", "error"}; theta at a step >= want unless it timed out.
+
+        One RPC per worker process and step: shards of the same worker reuse the reply, and
+        wait for a pull already in flight instead of sending their own. (A shard that needs
+        an older step than the one in flight always finds it in the shared reply: whoever
+        asks for step s + 1 has already seen step s.)
+        """
+        shared = self.shared
+        with shared.changed:
+            while True:
+                reply = shared.reply
+                if reply is not None and (reply["step"] >= want or reply["status"] != "running"):
+                    return reply
+                if not shared.in_flight:
+                    break
+                shared.changed.wait()
+            shared.in_flight = True
+        reply = None
+        try:
+            reply = sync(self.worker.loop, self.worker.scheduler.diagode_pull,
+                         run_id=self.run_id, want=want, timeout=_PULL_TIMEOUT_S)
+        finally:
+            with shared.changed:
+                shared.in_flight = False
+                if reply is not None and (shared.reply is None or
+                                          reply["step"] >= shared.reply["step"]):
+                    shared.reply = reply
+                shared.changed.notify_all()
+        return reply
+
+    def push(self, step: int, shard: int, loss_sum: float, grad_sum: np.ndarray, count: int,
+             timings: dict) -> str:
+        """Send one step's sums; returns the run's status."""
+        reply = sync(self.worker.loop, self.worker.scheduler.diagode_push, run_id=self.run_id,
+                     step=step, shard=shard, loss_sum=loss_sum, grad_sum=ToPickle(grad_sum),
+                     count=count, timings=timings)
+        return reply["status"]
+
+    def close(self) -> None:
+        with _pulls_lock:
+            self.shared.users -= 1
+            if self.shared.users == 0 and _pulls.get(self.run_id) is self.shared:
+                del _pulls[self.run_id]

@@ -1,0 +1,140 @@
+"""ProblemFiles: problems kept in .npy / .npz / .mtx files, read one shard at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.sparse as sp
+
+import diagode_dist as dd
+from diagode_dist.service.files import ProblemFiles
+
+N, S = 12, 9
+
+
+@pytest.fixture
+def arrays():
+    rng = np.random.default_rng(4)
+    A0 = 0.1 * rng.standard_normal((N, N)) * (rng.random((N, N)) < 0.5)
+    return A0, rng.standard_normal((N, S)), rng.integers(0, N, S), rng.standard_normal((N, S))
+
+
+@pytest.fixture
+def paths(tmp_path, arrays):
+    A0, F, labels, x0 = arrays
+    np.save(tmp_path / "A0.npy", A0)
+    sp.save_npz(tmp_path / "A0.npz", sp.csr_matrix(A0))
+    scipy.io.mmwrite(tmp_path / "A0.mtx", sp.coo_matrix(A0))
+    np.save(tmp_path / "F.npy", F)
+    np.save(tmp_path / "labels.npy", labels)
+    np.save(tmp_path / "x0.npy", x0)
+    return tmp_path
+
+
+@pytest.mark.parametrize("a0_name", ["A0.npy", "A0.npz", "A0.mtx"])
+def test_every_operator_format_loads_the_same_matrix(paths, arrays, a0_name):
+    files = ProblemFiles(paths / a0_name, paths / "F.npy", paths / "labels.npy", T=1.5,
+                         beta=3.0).validate()
+    assert (files.n, files.S) == (N, S)
+    A0 = files.load_operator()
+    dense = A0.toarray() if sp.issparse(A0) else A0
+    assert np.array_equal(dense, arrays[0])
+
+
+def test_a_shard_is_the_same_problem_as_select(paths, arrays):
+    A0, F, labels, x0 = arrays
+    files = ProblemFiles(paths / "A0.npy", paths / "F.npy", paths / "labels.npy", T=1.5,
+                         beta=3.0, x0=paths / "x0.npy").validate()
+    whole = dd.Problem(A0, F, labels, T=1.5, beta=3.0, x0=x0)
+    columns = np.arange(3, 7)
+    shard = files.load_shard(slice(3, 7))
+    assert shard.S == 4 and shard.T == 1.5 and shard.beta == 3.0
+    assert np.array_equal(shard.F, F[:, 3:7]) and np.array_equal(shard.x0, x0[:, 3:7])
+    assert np.array_equal(np.asarray(shard.labels), labels[3:7])
+    theta = 0.2 * np.random.default_rng(1).standard_normal(N)
+    expected = dd.loss_grad_sums(whole.select(columns), theta)
+    got = dd.loss_grad_sums(shard, theta)
+    assert got[0] == expected[0] and np.array_equal(got[1], expected[1])
+    picked = files.load_shard([0, 5, 8], A0=A0)  # explicit ids and a preloaded A0
+    assert picked.A0 is A0 and np.array_equal(picked.F, F[:, [0, 5, 8]])
+
+
+def test_validate_memory_maps_F(paths, monkeypatch):
+    modes = {}
+    real_load = np.load
+
+    def recording_load(path, *args, **kwargs):
+        modes.setdefault(str(path).rsplit("/", 1)[-1], []).append(kwargs.get("mmap_mode"))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", recording_load)
+    ProblemFiles(paths / "A0.npy", paths / "F.npy", paths / "labels.npy",
+                 x0=paths / "x0.npy").validate()
+    assert set(modes["F.npy"]) == {"r"} and set(modes["x0.npy"]) == {"r"}
+    assert set(modes["A0.npy"]) == {"r"}
+
+
+@pytest.mark.parametrize("missing", ["A0.npy", "F.npy", "labels.npy", "x0.npy"])
+def test_missing_files(paths, missing):
+    (paths / missing).unlink()
+    files = ProblemFiles(paths / "A0.npy", paths / "F.npy", paths / "labels.npy",
+                         x0=paths / "x0.npy")
+    with pytest.raises(FileNotFoundError, match=missing.split(".")[0]):
+        files.validate()
+
+
+def test_shape_mismatches(paths):
+    def files(**names):
+        chosen = {"A0": "A0.npy", "F": "F.npy", "labels": "labels.npy", "x0": None, **names}
+        return ProblemFiles(*(paths / chosen[k] for k in ("A0", "F", "labels")),
+                            x0=None if chosen["x0"] is None else paths / chosen["x0"])
+
+    np.save(paths / "A0_small.npy", np.zeros((N - 1, N - 1)))
+    with pytest.raises(ValueError, match=r"A0 has shape \(11, 11\) but F has shape \(12, 9\)"):
+        files(A0="A0_small.npy").validate()
+    sp.save_npz(paths / "A0_rect.npz", sp.csr_matrix(np.zeros((N, N + 1))))
+    with pytest.raises(ValueError, match="A0 has shape"):
+        files(A0="A0_rect.npz").validate()
+    np.save(paths / "labels_long.npy", np.zeros(S + 1, dtype=int))
+    with pytest.raises(ValueError, match=r"labels must have shape \(S,\) = \(9,\)"):
+        files(labels="labels_long.npy").validate()
+    np.save(paths / "labels_big.npy", np.full(S, N))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, n\)"):
+        files(labels="labels_big.npy").validate()
+    np.save(paths / "labels_float.npy", np.zeros(S))
+    with pytest.raises(TypeError, match="labels must be integers"):
+        files(labels="labels_float.npy").validate()
+    np.save(paths / "x0_wrong.npy", np.zeros((N, S - 1)))
+    with pytest.raises(ValueError, match="x0 must have shape"):
+        files(x0="x0_wrong.npy").validate()
+    np.save(paths / "F_1d.npy", np.zeros(N))
+    with pytest.raises(ValueError, match="F must be a non-empty 2-D"):
+        files(F="F_1d.npy").validate()
+
+
+def test_bad_arguments(paths):
+    with pytest.raises(ValueError, match="A0: .* must end in .npy / .npz / .mtx"):
+        ProblemFiles(paths / "A0.txt", paths / "F.npy", paths / "labels.npy")
+    with pytest.raises(ValueError, match="F: .* must end in .npy"):
+        ProblemFiles(paths / "A0.npy", paths / "F.npz", paths / "labels.npy")
+    with pytest.raises(TypeError, match="labels must be a path"):
+        ProblemFiles(paths / "A0.npy", paths / "F.npy", 3)
+    with pytest.raises(ValueError, match="T must be > 0"):
+        ProblemFiles(paths / "A0.npy", paths / "F.npy", paths / "labels.npy", T=0.0)
+    with pytest.raises(ValueError, match="beta must be finite"):
+        ProblemFiles(paths / "A0.npy", paths / "F.npy", paths / "labels.npy", beta=np.inf)
+    np.savez(paths / "dense.npz", a=np.zeros((N, N)))
+    with pytest.raises(ValueError, match="not a scipy.sparse.save_npz file"):
+        ProblemFiles(paths / "dense.npz", paths / "F.npy", paths / "labels.npy").validate()
+    (paths / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match="F: .* is not a readable .npy"):
+        ProblemFiles(paths / "A0.npy", paths / "junk.npy", paths / "labels.npy").validate()
+
+
+def test_paths_are_absolute_and_repr_names_them(paths, monkeypatch):
+    monkeypatch.chdir(paths)
+    files = ProblemFiles("A0.npy", "F.npy", "labels.npy")
+    assert files.F.is_absolute() and files.F == paths / "F.npy"
+    assert "F.npy" in repr(files)
+    assert files.operator_token()[1] == str(paths / "A0.npy")

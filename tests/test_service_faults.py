@@ -1,0 +1,197 @@
+"""Faults: killed workers, stuck shards, duplicate and stale pushes, erring tasks.
+
+Runs a real LocalCluster of worker processes (nannies restart killed workers) with
+``allowed-failures = 1``, so a second worker death under the same shard task would make Dask
+give up on it unless the parameter server forgives deaths between which the run progressed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import dask
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from distributed.protocol.serialize import ToPickle
+
+import diagode_dist as dd
+from diagode_dist.optim import Adam
+from diagode_dist.service import submit
+from diagode_dist.service.client import _call
+from diagode_dist.service.server import ParameterServer, shard_key
+
+TRAIN = {"epochs": 30, "lr": 2e-2, "batch_size": 8, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                         dashboard_address=":0") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def client(cluster):
+    with Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def prob():
+    return dd.demo_problem(n=48, S=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def undisturbed(cluster, prob):
+    with Client(cluster) as client:
+        return submit(client, prob, np.zeros(prob.n), n_shards=3, **TRAIN).wait(timeout=120)
+
+
+def _wait_for_step(run, step, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while (status := run.status())["step"] < step:
+        assert status["status"] == "running", status["error"]
+        assert time.monotonic() < deadline, f"run stuck at step {status['step']}"
+        time.sleep(0.01)
+    return status
+
+
+def _kill_worker_running(client, key) -> int:
+    """SIGKILL the worker process that is running task ``key``; returns the step count seen."""
+    def where(dask_scheduler, key):
+        task = dask_scheduler.tasks.get(key)
+        return task.processing_on.address if task is not None and task.processing_on else None
+
+    deadline = time.monotonic() + 30
+    while (address := client.run_on_scheduler(where, key=key)) is None:
+        assert time.monotonic() < deadline, f"{key} is not running anywhere"
+        time.sleep(0.02)
+    pid = client.run(os.getpid, workers=[address])[address]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_sigkill_a_worker_mid_run_gives_the_same_bits(client, prob, undisturbed):
+    run = submit(client, prob, np.zeros(prob.n), n_shards=3, **TRAIN)
+    _wait_for_step(run, 6)
+    _kill_worker_running(client, shard_key(run.run_id, 0))
+    theta, history = run.wait(timeout=120)
+    status = run.status()
+    assert status["status"] == "finished"
+    assert status["shard_restarts"][0] >= 1  # shard 0 really lost its worker
+    assert np.array_equal(theta, undisturbed[0])
+    assert history == undisturbed[1]
+
+
+def test_repeated_deaths_with_progress_do_not_exhaust_allowed_failures(client, prob,
+                                                                       undisturbed):
+    run = submit(client, prob, np.zeros(prob.n), n_shards=3, **TRAIN)
+    _wait_for_step(run, 4)
+    _kill_worker_running(client, shard_key(run.run_id, 0))
+    seen = _wait_for_step(run, 12)
+    assert seen["shard_restarts"][0] >= 1
+    _kill_worker_running(client, shard_key(run.run_id, 0))  # a 2nd death: > allowed-failures
+    theta, history = run.wait(timeout=120)
+    assert run.status()["shard_restarts"][0] >= 2
+    assert np.array_equal(theta, undisturbed[0])
+    assert history == undisturbed[1]
+
+
+class StallingParam(dd.SoftplusParam):
+    """Softplus whose evaluation hangs for ``delay`` seconds: a shard that never pushes."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def diag_from_theta(self, theta):
+        time.sleep(self.delay)
+        return super().diag_from_theta(theta)
+
+
+def test_a_stuck_shard_fails_the_run_after_step_timeout(client, prob):
+    started = time.monotonic()
+    run = submit(client, prob, np.zeros(prob.n), param=StallingParam(4.0), n_shards=2,
+                 step_timeout=1.0, **TRAIN)
+    with pytest.raises(RuntimeError, match=r"step 0 did not complete within step_timeout=1 s"):
+        run.wait(timeout=30)
+    assert time.monotonic() - started < 3.5  # the timeout, not the 4 s stall, ended it
+    assert "no push from shard(s) [0, 1]" in run.status()["error"]
+
+
+def test_an_erring_shard_task_fails_the_run(client, prob):
+    run = submit(client, prob, np.full(prob.n, 800.0), param=dd.ExpParam(), n_shards=2,
+                 step_timeout=60, **TRAIN)
+    with pytest.raises(RuntimeError, match=r"shard \d task .* failed: .*non-finite diagonal"):
+        run.wait(timeout=30)
+
+
+# ---- the push protocol, driven by hand (no shard tasks) -----------------------------------
+
+def _create(client, run_id, n=5, n_shards=2, step_timeout=60.0, **options):
+    spec = {"run_id": run_id, "n": n, "S": 4, "n_shards": n_shards, "steps_per_epoch": 2,
+            "epochs": 3, "lr": 0.1, "batch_size": 2, "weight_decay": 0.01,
+            "clamp": (-50.0, 50.0), "seed": 0, "checkpoint_dir": None, "checkpoint_every": 10,
+            "resume": False, "step_timeout": step_timeout, **options}
+    client.register_plugin(ParameterServer())
+    created = _call(client, "diagode_create_run", spec=spec, theta0=ToPickle(np.arange(n) / n))
+    assert created == {"run_id": run_id, "step": 0, "resumed_from_step": None}
+
+
+def _push(client, run_id, step, shard, loss, grad, count):
+    return _call(client, "diagode_push", run_id=run_id, step=step, shard=shard, loss_sum=loss,
+                 grad_sum=ToPickle(np.asarray(grad, dtype=float)), count=count, timings={})
+
+
+def test_stale_and_duplicate_pushes_are_ignored(client):
+    _create(client, "by-hand")
+    theta0 = np.arange(5) / 5
+    g0, g1 = np.array([1.0, -2.0, 0.5, 0.0, 3.0]), np.array([0.25, 1.0, -1.0, 2.0, 0.0])
+    assert _push(client, "by-hand", 0, 0, 1.5, g0, 2)["accepted"]
+    assert not _push(client, "by-hand", 0, 0, 9.0, 10 * g0, 2)["accepted"]  # duplicate
+    assert not _push(client, "by-hand", 1, 1, 9.0, g1, 1)["accepted"]  # not this step yet
+    pending = _call(client, "diagode_pull", run_id="by-hand", want=1, timeout=0.2)
+    assert pending["step"] == 0 and np.array_equal(pending["theta"], theta0)
+    assert _push(client, "by-hand", 0, 1, 0.5, g1, 1)["accepted"]  # completes step 0
+
+    adam = Adam(lr=0.1, weight_decay=0.01)
+    expected, _ = adam.step(theta0, (g0 + g1) / 3, adam.init(theta0))
+    pulled = _call(client, "diagode_pull", run_id="by-hand", want=1, timeout=5)
+    assert pulled["step"] == 1 and np.array_equal(pulled["theta"], expected)
+    status = _call(client, "diagode_status", run_id="by-hand")
+    assert status["loss"] == (1.5 + 0.5) / 3 and status["step"] == 1
+    assert not _push(client, "by-hand", 0, 1, 0.5, g1, 1)["accepted"]  # stale: step 0 is done
+    assert np.array_equal(_call(client, "diagode_result", run_id="by-hand")["theta"], expected)
+    _call(client, "diagode_cancel", run_id="by-hand")
+
+
+def test_non_finite_push_fails_the_run(client):
+    _create(client, "nan-push")
+    reply = _push(client, "nan-push", 0, 1, 1.0, [0.0, np.nan, 0.0, 0.0, 0.0], 1)
+    assert not reply["accepted"] and reply["status"] == "failed"
+    status = _call(client, "diagode_status", run_id="nan-push")
+    assert "non-finite" in status["error"] and "shard 1" in status["error"]
+
+
+def test_a_shard_that_never_pushes_times_out(client):
+    _create(client, "silent", step_timeout=0.5)
+    started = time.monotonic()
+    assert _push(client, "silent", 0, 0, 1.0, np.ones(5), 1)["accepted"]
+    status = _call(client, "diagode_wait", run_id="silent", timeout=10)
+    assert status["status"] == "failed"
+    assert time.monotonic() - started < 2.0
+    assert "step_timeout=0.5 s: no push from shard(s) [1]" in status["error"]
+    assert math.isclose(status["steps_per_s"] or 0.0, 0.0)  # no step ever completed
+
+
+def test_client_restart_fails_running_runs_clearly(client, prob):
+    run = submit(client, prob, np.zeros(prob.n), n_shards=2, **TRAIN)
+    _wait_for_step(run, 2)
+    client.restart(wait_for_workers=False)
+    with pytest.raises(RuntimeError, match=r"cluster was restarted .* resume=True"):
+        run.wait(timeout=30)
