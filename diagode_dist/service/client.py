@@ -32,6 +32,7 @@ import numpy as np
 from distributed import Client, fire_and_forget
 from distributed.protocol.serialize import ToPickle
 
+from diagode_dist.service.dashboard import DashboardPlugin
 from diagode_dist.service.files import ProblemFiles
 from diagode_dist.service.server import ParameterServer, operator_key, shard_key
 from diagode_dist.service.shard import ShardSpec, detach_operator, shard_columns, shard_loop
@@ -208,6 +209,7 @@ def connect(address: str | None = None, scheduler_file: str | os.PathLike | None
 def _install_server(client: Client) -> None:
     """Register the parameter server plugin (a no-op if it is there, e.g. from a preload)."""
     client.register_plugin(ParameterServer())
+    client.register_plugin(DashboardPlugin())  # the /diagode page and /metrics gauges
 
 
 def _call(client: Client, op: str, **kwargs):
