@@ -14,7 +14,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from ._array import array_module, to_module
 from ._march import Accuracy, march_adjoint, march_forward
@@ -201,7 +201,15 @@ def effective_rtol(rtol: float, dtype) -> float:
 def _single_threaded_blas(xp):
     """BLAS on one thread inside the numerics (CPU): measured 37 ms -> 4.4 s with default
     OpenBLAS threads on a loaded 2-core machine. Parallelism comes from chunks instead."""
-    return threadpool_limits(limits=1, user_api="blas") if xp is np else contextlib.nullcontext()
+    if xp is not np:
+        return contextlib.nullcontext()
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:  # library discovery costs ~1 ms: do it once per process
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+
+
+_BLAS_CONTROLLER = None
 
 
 def _chunk_threads(prob, n_columns) -> int:
