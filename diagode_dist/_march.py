@@ -111,7 +111,7 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
         tau, y, rel = _choose_steps(proj, remaining, T, rtol, N - 1)
         reached = tau >= remaining
         u_new = combine(proj.basis, y)
-        u = u.copy() if u is u0 else u
+        u = u.copy()  # never in place: `start` of this interval may be u itself
         u[xp.asarray(active)] = u_new
         observed = active[reached]
         states[xp.asarray(next_obs[observed]), xp.asarray(observed)] = \

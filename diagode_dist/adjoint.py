@@ -78,7 +78,8 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
     d = d.astype(prob.dtype, copy=False)
     rtol = effective_rtol(rtol, prob.dtype)
     threads = _chunk_threads(prob, cols.size)
-    chunk = max_chunk_columns or min(_default_chunk(prob, k), -(-cols.size // threads))
+    quad = quad_points if time_integral == "trapezoid" else None
+    chunk = max_chunk_columns or min(_default_chunk(prob, k, quad), -(-cols.size // threads))
     chunks = [cols[lo: lo + chunk] for lo in range(0, cols.size, chunk)]
 
     def run(part):
@@ -96,6 +97,10 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
         grad_d = grad_d + part[1]
     acc = [part[2] for part in parts]
     grad = param.dtheta_from_ddiag(theta_dev, grad_d)
+    if not (np.isfinite(loss_sum) and bool(prob.xp.isfinite(grad).all())):
+        raise FloatingPointError(
+            f"the loss ({loss_sum}) or its gradient is not finite: the solution overflows "
+            "(does A = A0 + diag(d) have eigenvalues with a large positive real part?)")
     return loss_sum, to_module(grad, theta_module), int(cols.size), _info(acc, rtol, k)
 
 
@@ -148,7 +153,7 @@ def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points):
 def _info(accs: list[Accuracy], rtol, k) -> dict:
     fwd = np.concatenate([a.forward for a in accs])
     adj = np.concatenate([a.adjoint for a in accs])
-    estimate = float(max(fwd.max(), adj.max()))
+    estimate = float(np.max(np.concatenate([fwd, adj])))  # NaN propagates: never "met"
     return {
         "error_estimate": estimate,
         "forward_error_estimate": float(fwd.max()),
@@ -219,14 +224,17 @@ def _chunk_threads(prob, n_columns) -> int:
     return max(1, min(os.cpu_count() or 1, n_columns))
 
 
-def predict_chunk_bytes(n: int, columns: int, k: int, itemsize: int = 8) -> int:
+def predict_chunk_bytes(n: int, columns: int, k: int, itemsize: int = 8,
+                        quad_points: int | None = None) -> int:
     """Predicted peak working memory (bytes) of one chunk, excluding bases kept across sub-steps.
 
     Per column: the forward and adjoint bases ((k+1)(n+1) each), a restricted copy of the
     forward basis in adjoint sub-steps, the (k, n) product W M and its elementwise product
-    with V, and a few state-sized vectors.
+    with V, a few state-sized vectors, and the Padé temporaries of the (2k)-square Van Loan
+    block (or of 2 Q k-square exponentials with ``quad_points`` Q for the trapezoid rule).
     """
-    per_column = (3 * (k + 1) * (n + 1) + 2 * k * n + 16 * (n + 1)) * itemsize
+    small = 12 * (2 * k) ** 2 if quad_points is None else 12 * 2 * quad_points * k * k
+    per_column = (3 * (k + 1) * (n + 1) + 2 * k * n + 16 * (n + 1) + small) * itemsize
     return int(per_column * columns)
 
 
@@ -240,9 +248,9 @@ def memory_budget(xp) -> int:
     return int(free // 2)  # pragma: no cover
 
 
-def _default_chunk(prob, k) -> int:
+def _default_chunk(prob, k, quad_points=None) -> int:
     """Columns per chunk so that the predicted working set fits half the memory budget."""
-    per_column = predict_chunk_bytes(prob.n, 1, k, prob.dtype.itemsize)
+    per_column = predict_chunk_bytes(prob.n, 1, k, prob.dtype.itemsize, quad_points)
     return max(1, int(memory_budget(prob.xp) // 2 // per_column))
 
 
