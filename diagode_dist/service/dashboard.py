@@ -78,7 +78,7 @@ class DashboardPlugin(SchedulerPlugin):
     name = PLUGIN_NAME
     idempotent = True
 
-    def start(self, scheduler) -> None:
+    async def start(self, scheduler) -> None:
         install(scheduler)
 
 
