@@ -17,6 +17,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from ._array import array_module, to_module
+from ._checks import check_int
 from ._march import Accuracy, march_adjoint, march_forward
 from .param import SoftplusParam, check_param
 from .problem import Problem, check_columns
@@ -181,21 +182,14 @@ def _check_theta(theta, prob):
 
 
 def _check_options(k, rtol, max_chunk_columns, time_integral, quad_points):
-    _check_int(k, "k", 1)
+    check_int(k, "k", 1)
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 < rtol < 1:
         raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}")
     if max_chunk_columns is not None:
-        _check_int(max_chunk_columns, "max_chunk_columns", 1)
+        check_int(max_chunk_columns, "max_chunk_columns", 1)
     if time_integral not in ("vanloan", "trapezoid"):
         raise ValueError(f"time_integral must be 'vanloan' or 'trapezoid', got {time_integral!r}")
-    _check_int(quad_points, "quad_points", 2)
-
-
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    check_int(quad_points, "quad_points", 2)
 
 
 def effective_rtol(rtol: float, dtype) -> float:

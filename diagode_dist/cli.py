@@ -206,7 +206,6 @@ def _setup_logging(verbose: bool) -> None:
         handler._diagode_cli = True
         package.addHandler(handler)
     package.setLevel(logging.INFO)
-    package.propagate = False
     if not verbose:  # Dask's INFO chatter (worker start/stop) hides the progress bar
         logging.getLogger("distributed").setLevel(logging.WARNING)
 

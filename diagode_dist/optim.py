@@ -12,6 +12,7 @@ import math
 import numbers
 
 from ._array import array_module
+from ._checks import positive_real
 
 
 class Adam:
@@ -29,13 +30,13 @@ class Adam:
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0,
                  clamp: tuple[float, float] | None = (-50.0, 50.0)):
-        self.lr = _positive(lr, "lr")
+        self.lr = positive_real(lr, "lr")
         b1, b2 = betas
         for name, b in (("betas[0]", b1), ("betas[1]", b2)):
             if not 0.0 <= float(b) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {b}")
         self.betas = (float(b1), float(b2))
-        self.eps = _positive(eps, "eps")
+        self.eps = positive_real(eps, "eps")
         if (isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real)
                 or not math.isfinite(weight_decay) or weight_decay < 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
@@ -70,10 +71,3 @@ class Adam:
     def __repr__(self) -> str:
         return (f"Adam(lr={self.lr}, betas={self.betas}, eps={self.eps}, "
                 f"weight_decay={self.weight_decay}, clamp={self.clamp})")
-
-
-def _positive(x, name) -> float:
-    if (isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x)
-            or not x > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
-    return float(x)

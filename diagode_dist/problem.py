@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from ._array import array_module, is_sparse, sparse_to_module, to_module, to_numpy
+from ._checks import finite_real
 from .losses import Classification, MeanSquared, UserLoss
 
 
@@ -54,7 +53,7 @@ class Problem:
         self.A0 = _operator(A0, n, xp, self.F.dtype)
         self.x0 = None if x0 is None else _float_matrix(x0, "x0", xp, (n, S), self.F.dtype)
         self.T = _positive_time(T)
-        self.beta = _finite_real(beta, "beta")
+        self.beta = finite_real(beta, "beta")
         self.loss = _make_loss(loss, labels, obs_times, targets, self, xp)
         # A0^T once, as CSR when sparse, so adjoint products are as fast as forward ones.
         self.A0T = self.A0.T.tocsr() if is_sparse(self.A0) else self.A0.T
@@ -92,6 +91,21 @@ class Problem:
         sub.x0 = None if self.x0 is None else self.x0[:, dev]
         sub.loss = self.loss.select(cols)
         return sub
+
+    def with_operator(self, A0, check: bool = True) -> Problem:
+        """The same columns and loss with another operator A0 (n, n), not copied.
+
+        ``A0=None`` gives a problem without operator, to ship columns separately from a shared
+        A0 (the Dask service); ``check=False`` skips validating an A0 already validated once.
+        """
+        moved = object.__new__(Problem)
+        moved.__dict__.update(self.__dict__)
+        if A0 is None:
+            moved.A0 = moved.A0T = None
+            return moved
+        moved.A0 = _operator(A0, self.n, self.xp, self.dtype) if check else A0
+        moved.A0T = moved.A0.T.tocsr() if is_sparse(moved.A0) else moved.A0.T
+        return moved
 
     def to_device(self, xp) -> Problem:
         """The same problem with its arrays moved to ``xp`` (``numpy`` or ``cupy``)."""
@@ -233,19 +247,10 @@ def _operator(A0, n, xp, dtype):
 
 
 def _positive_time(T):
-    T = _finite_real(T, "T")
+    T = finite_real(T, "T")
     if T <= 0:
         raise ValueError(f"T must be > 0, got {T}")
     return T
-
-
-def _finite_real(x, name):
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if not np.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    return x
 
 
 def _labels(labels, n, S):

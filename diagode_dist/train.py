@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .adjoint import DEFAULT_RTOL, _check_int, check_inputs, loss_grad_sums
+from ._checks import check_int
+from .adjoint import DEFAULT_RTOL, check_inputs, loss_grad_sums
 from .optim import Adam
 from .param import SoftplusParam
 from .problem import Problem
@@ -64,8 +65,8 @@ def fit(prob: Problem, theta0, param=None, epochs: int = 20, lr: float = 1e-3, k
     info : dict of per-epoch lists, only with ``return_info=True``
     """
     param = SoftplusParam() if param is None else param
-    _check_int(epochs, "epochs", 1)
-    _check_int(batch_size, "batch_size", 1)
+    check_int(epochs, "epochs", 1)
+    check_int(batch_size, "batch_size", 1)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if callback is not None and not callable(callback):

@@ -1,8 +1,8 @@
 """``diagode-dist bench``: our gradient against its peers, side by side in one run.
 
     python -m diagode_dist.bench [--quick] [--cases demo,n1024,stiff2d|none] [--repeat R]
-                                 [--peer-budget SECONDS] [--no-peers] [--scaling] [--gpu]
-                                 [--markdown]
+                                 [--peer-budget SECONDS] [--no-peers] [--scaling] [--service]
+                                 [--gpu] [--markdown]
 
 For every case it times ``dd.loss_and_grad`` (median of R runs) and scores its gradient against
 the exact dense reference (``cases.exact_loss_and_grad``). With torch + torchdiffeq installed
@@ -267,6 +267,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu", action="store_true",
                         help="also run ours on CuPy (n ~ 1e5, S = 1024) with the "
                         "orthogonalisation's bytes moved, bandwidth and roofline fraction")
+    parser.add_argument("--service", action="store_true",
+                        help="also measure the Dask service: parameter-server overhead per "
+                        "step (n = 1e4, 1e6) and the speed-up of 2 workers over 1 (~2 min)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     return parser
 
@@ -297,6 +300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(heading("Scaling of our time with n, S and k (sparse grid problems)", args.markdown))
         print(scaling_table(repeat=min(repeat, 3), markdown=args.markdown, quick=args.quick,
                             log=_log))
+    if args.service:
+        from diagode_dist.service.bench import bench_service, format_table
+
+        print()
+        print(heading("Dask service: parameter-server overhead and speed-up", args.markdown))
+        print(format_table(bench_service(overhead_sizes=(10_000,) if args.quick
+                                         else (10_000, 1_000_000))))
     if args.gpu:
         from .roofline import gpu_report
 

@@ -32,6 +32,7 @@ import numpy as np
 from distributed import Client, fire_and_forget
 from distributed.protocol.serialize import ToPickle
 
+from diagode_dist._checks import check_int, positive_real
 from diagode_dist.service.dashboard import DashboardPlugin
 from diagode_dist.service.files import ProblemFiles
 from diagode_dist.service.server import ParameterServer, operator_key, shard_key
@@ -290,7 +291,7 @@ def _check_n_shards(client: Client, n_shards, S: int) -> int:
             raise ValueError("n_shards=None means one shard per worker, but the cluster has "
                              "no workers yet; pass n_shards or wait for workers")
         n_shards = min(n_shards, S)
-    _check_int(n_shards, "n_shards", 1)
+    check_int(n_shards, "n_shards", 1)
     if n_shards > S:
         raise ValueError(f"n_shards must be <= S = {S} (the number of columns), got {n_shards}")
     return int(n_shards)
@@ -302,13 +303,13 @@ def _check_options(param, epochs, lr, k, batch_size, weight_decay, clamp, seed, 
     from diagode_dist.param import check_param
 
     check_param(param)
-    _check_int(epochs, "epochs", 1)
-    _check_int(k, "k", 1)
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(checkpoint_every, "checkpoint_every", 1)
-    _check_int(seed, "seed", 0)
-    _check_positive(rtol, "rtol")
-    _check_positive(step_timeout, "step_timeout")
+    check_int(epochs, "epochs", 1)
+    check_int(k, "k", 1)
+    check_int(batch_size, "batch_size", 1)
+    check_int(checkpoint_every, "checkpoint_every", 1)
+    check_int(seed, "seed", 0)
+    positive_real(rtol, "rtol")
+    positive_real(step_timeout, "step_timeout")
     Adam(lr=lr, weight_decay=weight_decay, clamp=clamp)  # its own ValueErrors name the argument
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be a bool, got {type(resume).__name__}")
@@ -327,17 +328,3 @@ def _check_options(param, epochs, lr, k, batch_size, weight_decay, clamp, seed, 
             str(Path(checkpoint_dir).expanduser().absolute()),
             "checkpoint_every": int(checkpoint_every), "resume": resume,
             "step_timeout": float(step_timeout)}
-
-
-def _check_int(value, name: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-def _check_positive(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")

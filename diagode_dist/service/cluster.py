@@ -19,6 +19,8 @@ from typing import Any
 from dask.utils import parse_bytes
 from distributed import LocalCluster
 
+from diagode_dist._checks import check_int
+
 logger = logging.getLogger(__name__)
 
 _UCX_PROTOCOLS = ("ucx", "ucxx")
@@ -77,8 +79,8 @@ def local_cluster(
 def _check_local_args(n_workers, threads_per_worker, gpu, dashboard_address, rmm_pool_size,
                       protocol) -> None:
     if n_workers is not None:
-        _check_int("n_workers", n_workers, minimum=1)
-    _check_int("threads_per_worker", threads_per_worker, minimum=1)
+        check_int(n_workers, "n_workers", minimum=1)
+    check_int(threads_per_worker, "threads_per_worker", minimum=1)
     if not (isinstance(gpu, bool) or gpu == "auto"):
         raise ValueError(f"gpu must be 'auto', True or False, got {gpu!r}")
     if dashboard_address is not None and not isinstance(dashboard_address, str):
@@ -234,9 +236,9 @@ def slurm_cluster(
     necessarily running yet: ``client.wait_for_workers(n)`` waits for them (n = jobs x worker
     processes per job). Close it to cancel the jobs.
     """
-    _check_int("jobs", jobs, minimum=1)
-    _check_int("cores", cores, minimum=1)
-    _check_int("gpus_per_job", gpus_per_job, minimum=0)
+    check_int(jobs, "jobs", minimum=1)
+    check_int(cores, "cores", minimum=1)
+    check_int(gpus_per_job, "gpus_per_job", minimum=0)
     memory_bytes = _parse_memory("memory", memory)
     processes = _worker_processes(processes, cores, gpus_per_job)
     if memory_bytes // processes < 2**20:
@@ -282,7 +284,7 @@ def _worker_processes(processes, cores, gpus_per_job) -> int:
         processes = gpus_per_job
     elif processes is None:
         processes = 1
-    _check_int("processes", processes, minimum=1)
+    check_int(processes, "processes", minimum=1)
     if processes > cores:
         raise ValueError(f"cores={cores} is less than the {processes} worker process(es) per job: "
                          "each worker needs at least one core")
@@ -383,13 +385,6 @@ def _check_interface(interface) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # argument checks
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _parse_memory(name: str, value) -> int:

@@ -13,12 +13,13 @@ Paths are stored absolute, so they mean the same file on every worker of a share
 
 from __future__ import annotations
 
-import numbers
 import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from diagode_dist._checks import finite_real
 
 _A0_SUFFIXES = (".npy", ".npz", ".mtx")
 
@@ -45,10 +46,10 @@ class ProblemFiles:
         self.F = _path(F, "F")
         self.labels = _path(labels, "labels")
         self.x0 = None if x0 is None else _path(x0, "x0")
-        self.T = _finite_real(T, "T")
+        self.T = finite_real(T, "T")
         if self.T <= 0:
             raise ValueError(f"T must be > 0, got {self.T}")
-        self.beta = _finite_real(beta, "beta")
+        self.beta = finite_real(beta, "beta")
         self._shape: tuple[int, int] | None = None
 
     # ---- validation ------------------------------------------------------------------------
@@ -170,14 +171,6 @@ def _path(value, name: str) -> Path:
     if path.suffix.lower() not in allowed:
         raise ValueError(f"{name}: {path} must end in {' / '.join(allowed)}")
     return path
-
-
-def _finite_real(x, name: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    if not np.isfinite(float(x)):
-        raise ValueError(f"{name} must be finite, got {x}")
-    return float(x)
 
 
 def _open_npy(path: Path, name: str) -> np.ndarray:

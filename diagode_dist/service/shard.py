@@ -26,7 +26,6 @@ parameter server with every push (``status()["shard_timings"]``).
 from __future__ import annotations
 
 import collections
-import copy
 import threading
 import time
 from dataclasses import dataclass
@@ -180,19 +179,12 @@ def detach_operator(piece):
 
     The operator travels once per worker instead (a shared Dask dependency or a file).
     """
-    bare = copy.copy(piece)
-    bare.A0 = bare.A0T = None
-    return bare
+    return piece.with_operator(None)
 
 
 def attach_operator(piece, A0):
-    """A copy of ``piece`` using operator ``A0`` (and its transpose, as ``Problem`` keeps it)."""
-    from diagode_dist._array import is_sparse
-
-    prob = copy.copy(piece)
-    prob.A0 = A0
-    prob.A0T = A0.T.tocsr() if is_sparse(A0) else A0.T
-    return prob
+    """A copy of ``piece`` using operator ``A0`` (validated when the run was submitted)."""
+    return piece.with_operator(A0, check=False)
 
 
 def _aligned(A0):
