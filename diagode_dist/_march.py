@@ -45,33 +45,71 @@ class Accuracy:
     steps: int = 0
 
 
-def _acceptor(norms, tau, tol, n_rows):
-    """``accept`` for arnoldi: error estimate at step tau below tol * ||v(tau)[:n_rows]||."""
+class _Acceptor:
+    """``accept`` for arnoldi: relative error estimate at step tau below tol (per column).
 
-    def accept(hessenberg, basis):
-        y, err = exp_and_error(hessenberg, hessenberg[:, -1, -1], norms, tau)
-        size = array_module(y).linalg.norm(combine(basis[:, :, :n_rows], y), axis=1)
-        return to_numpy(err <= tol * size)
+    It remembers what each check computed, so that the step choice after the Arnoldi loop
+    starts from the values at each column's final dimension instead of recomputing them.
+    """
 
-    return accept
+    def __init__(self, norms, tau, tol, n_rows):
+        """norms (c,) device; tau, tol (c,) host step and relative tolerance."""
+        self.norms, self.tau_host, self.tol, self.n_rows = norms, tau, tol, n_rows
+        self.tau = array_module(norms).asarray(tau)
+        self.checks = {}  # dimension m -> (y (c, m), rel (c,) host)
+
+    def __call__(self, hessenberg, basis):
+        y, rel = _estimate(hessenberg[:, :-1, :], hessenberg[:, -1, -1], self.norms, self.tau,
+                           basis, self.n_rows)
+        self.checks[basis.shape[0]] = (y, rel)
+        return rel <= self.tol
+
+    def at_final_dims(self, proj):
+        """(y (c, m), rel (c,)) at each column's final dimension, from the checks where
+        available (a breakdown between checks is computed afresh)."""
+        xp = array_module(proj.norms)
+        c, m = proj.norms.shape[0], proj.basis.shape[0]
+        y = xp.zeros((c, m), dtype=proj.norms.dtype)
+        rel = np.full(c, np.nan)
+        for dim, (y_dim, rel_dim) in self.checks.items():
+            rows = np.nonzero(proj.dims == dim)[0]
+            if rows.size:
+                y[xp.asarray(rows), :dim] = y_dim[xp.asarray(rows)]
+                rel[rows] = rel_dim[rows]
+        missing = np.nonzero(np.isnan(rel))[0]
+        if missing.size:
+            y_new, rel_new = _relative_error(_rows_of(proj, xp.asarray(missing)),
+                                             self.tau_host[missing], self.n_rows)
+            y[xp.asarray(missing)] = y_new
+            rel[missing] = rel_new
+        return y, rel
 
 
-def _relative_error(proj, tau, n_rows):
-    """y and err / ||v(tau)[:n_rows]|| per column at steps tau."""
-    xp = array_module(proj.norms)
-    y, err = exp_and_error(proj.hessenberg, proj.next_subdiag, proj.norms, xp.asarray(tau))
-    size = xp.linalg.norm(combine(proj.basis[:, :, :n_rows], y), axis=1)
+def _estimate(square, next_subdiag, norms, tau, basis, n_rows):
+    """y = beta exp(tau H) e1 (c, m) and err / ||v(tau)[:n_rows]|| (host (c,))."""
+    xp = array_module(norms)
+    y, err = exp_and_error(square, next_subdiag, norms, tau)
+    size = xp.linalg.norm(combine(basis[:, :, :n_rows], y), axis=1)
+    # A state that underflows to zero (strong decay, float32) is measured against the start.
+    size = xp.where(size > 0, size, norms)
     rel = xp.where(size > 0, err / xp.where(size > 0, size, 1.0), err)
     return y, to_numpy(rel)
 
 
-def _choose_steps(proj, remaining, T, rtol, n_rows):
+def _relative_error(proj, tau, n_rows):
+    """y and err / ||v(tau)[:n_rows]|| per column at (host) steps tau."""
+    xp = array_module(proj.norms)
+    return _estimate(proj.square, proj.next_subdiag, proj.norms, xp.asarray(tau), proj.basis,
+                     n_rows)
+
+
+def _choose_steps(proj, accept, remaining, T, rtol, n_rows):
     """Per-column step: the whole remaining time if the estimate allows, else shrink.
 
     Returns host tau (c,) and the coefficients y (c, m) at those steps, and relative errors.
     """
     tau = remaining.copy()
-    y, rel = _relative_error(proj, tau, n_rows)
+    y, rel = accept.at_final_dims(proj)
     m = max(int(proj.basis.shape[0]), 1)
     for _ in range(_SHRINK_TRIES):
         tol = rtol * tau / T
@@ -105,10 +143,10 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
         start = u[xp.asarray(active)] if active.size < c else u
         remaining = obs[next_obs[active]] - t[active]
         norms = xp.linalg.norm(start, axis=1)
-        tol = xp.asarray(rtol * remaining / T)
-        proj = arnoldi(make_apply(active), start, k, symmetric=symmetric,
-                       accept=_acceptor(norms, xp.asarray(remaining), tol, N - 1))
-        tau, y, rel = _choose_steps(proj, remaining, T, rtol, N - 1)
+        tol = rtol * remaining / T
+        accept = _Acceptor(norms, remaining, tol, N - 1)
+        proj = arnoldi(make_apply(active), start, k, symmetric=symmetric, accept=accept)
+        tau, y, rel = _choose_steps(proj, accept, remaining, T, rtol, N - 1)
         reached = tau >= remaining
         u_new = combine(proj.basis, y)
         u = u.copy()  # never in place: `start` of this interval may be u itself
@@ -166,10 +204,10 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
         remaining = iv.tau[active] - elapsed[active]
         start = lam[rows]
         norms = xp.linalg.norm(start, axis=1)
-        tol = xp.asarray(rtol * remaining / T)
-        adj = arnoldi(apply_T, start, k, symmetric=symmetric,
-                      accept=_acceptor(norms, xp.asarray(remaining), tol, n))
-        sigma, z, rel = _choose_steps(adj, remaining, T, rtol, n)
+        tol = rtol * remaining / T
+        accept = _Acceptor(norms, remaining, tol, n)
+        adj = arnoldi(apply_T, start, k, symmetric=symmetric, accept=accept)
+        sigma, z, rel = _choose_steps(adj, accept, remaining, T, rtol, n)
         acc.adjoint[iv.columns[active]] += rel
         acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
         reached = sigma >= remaining

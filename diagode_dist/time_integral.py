@@ -15,7 +15,7 @@ them (||g|| can be 1e-6).
 from __future__ import annotations
 
 from ._array import array_module
-from .expm import expm_batched
+from .expm import expm_batched, expm_block_upper
 
 
 def van_loan(G, H, tau, y_start):
@@ -27,14 +27,11 @@ def van_loan(G, H, tau, y_start):
     Returns M_unit (c, ma, mf) = M / (gamma ||y(start)||).
     """
     xp = array_module(G)
-    c, ma, _ = G.shape
-    mf = H.shape[-1]
-    C = xp.zeros((c, ma + mf, ma + mf), dtype=G.dtype)
-    C[:, :ma, :ma] = G
-    C[:, 0, ma:] = y_start
-    C[:, ma:, ma:] = H.transpose(0, 2, 1)
-    E = expm_batched(tau[:, None, None] * C)
-    return E[:, :ma, ma:]
+    scale = tau[:, None, None]
+    coupling = xp.zeros((G.shape[0], G.shape[1], H.shape[1]), dtype=G.dtype)
+    coupling[:, 0, :] = y_start
+    _, M = expm_block_upper(scale * G, scale * coupling, scale * H.transpose(0, 2, 1))
+    return M
 
 
 def trapezoid(G, H, tau, y_start, quad_points: int):
