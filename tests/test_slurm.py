@@ -225,29 +225,31 @@ def test_sbatch_job_exit_status_is_the_trainings(slurm, tmp_path):
     assert "workers still running" not in job_logs  # client.shutdown() stopped them
 
 
+@pytest.fixture(scope="class")
+def slurm_client(slurm, tmp_path_factory):
+    """A SLURMCluster of two one-core jobs, shared by TestSLURMCluster and closed after it."""
+    from distributed import Client
+
+    from diagode_dist.service.cluster import slurm_cluster
+
+    folder = tmp_path_factory.mktemp("slurmcluster")
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    with slurm_cluster(jobs=2, cores=1, memory="1GB", queue=slurm.partition,
+                       interface="lo", walltime="00:10:00",
+                       local_directory=str(folder / "scratch"),
+                       log_directory=str(folder / "logs"), python=sys.executable,
+                       job_script_prologue=[f"export PYTHONPATH={pythonpath}"]) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(2, timeout=120)
+        yield client
+
+
 class TestSLURMCluster:
     """slurm_cluster(jobs=2, cores=1, memory="1GB", interface="lo"): two SLURM jobs as workers.
 
     The cluster is shared by this class's tests and closed after them: its jobs hold both
     cores of the test node, so no other test's job could start while it is up.
     """
-
-    @pytest.fixture(scope="class")
-    def slurm_client(self, slurm, tmp_path_factory):
-        from distributed import Client
-
-        from diagode_dist.service.cluster import slurm_cluster
-
-        folder = tmp_path_factory.mktemp("slurmcluster")
-        pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        with slurm_cluster(jobs=2, cores=1, memory="1GB", queue=slurm.partition,
-                           interface="lo", walltime="00:10:00",
-                           local_directory=str(folder / "scratch"),
-                           log_directory=str(folder / "logs"), python=sys.executable,
-                           job_script_prologue=[f"export PYTHONPATH={pythonpath}"]) as cluster, \
-                Client(cluster) as client:
-            client.wait_for_workers(2, timeout=120)
-            yield client
 
     def test_workers_run_in_slurm_jobs(self, slurm_client):
         job_ids = slurm_client.run(lambda: os.environ.get("SLURM_JOB_ID"))
