@@ -190,7 +190,7 @@ def _add_accuracy_note(rows: list[Row], case: _cases.Case) -> None:
                      f"k={info['k']}, {info['substeps']} sub-step(s), est. "
                      f"{info['error_estimate']:.0e} (rtol {info['rtol']:g} {met})")
         if method == OURS_LOOSE:
-            faster = [f"{r.method.split(' dopri5')[0]} {r.median / row.median:.0f}x"
+            faster = [f"{r.method.split(' dopri5')[0]} {r.median / row.median:.2g}x"
                       for r in rows if r.method.startswith("torch") and r.times]
             if faster:
                 row.note += "; peers' time / this: " + ", ".join(faster)
