@@ -488,8 +488,10 @@ class _ProgressBar:
         if self.bar is None:
             from tqdm import tqdm
 
+            # initial=: steps done before the bar existed must not count toward its rate
             self.bar = tqdm(total=status.get("n_steps") or None, unit="step", desc="training",
-                            dynamic_ncols=True, file=sys.stderr)
+                            initial=int(status.get("step") or 0), dynamic_ncols=True,
+                            file=sys.stderr)
         shown = (status.get("step"), status.get("loss"), status.get("steps_per_s"))
         if shown == self.shown:
             return  # nothing new: a refresh would print the same line again
