@@ -27,7 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from diagode_dist.config import SlurmOptions, TrainConfig, check_slurm_options, load_config
+from diagode_dist.config import (
+    SlurmOptions,
+    TrainConfig,
+    check_slurm_options,
+    load_config,
+    param_map,
+)
 from diagode_dist.report import write_outputs
 
 __all__ = ["main"]
@@ -234,18 +240,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)  # config errors first, before anything is imported
-    from diagode_dist.service.files import ProblemFiles
-
     slurm = _slurm_options(args, config)
     if args.detach and not (args.scheduler or args.scheduler_file):
         raise ValueError("--detach needs --scheduler or --scheduler-file (a cluster started "
                          "by this command ends with it)")
     out_dir = (args.out if args.out is not None else config.output_dir).resolve()
     spec = config.problem
-    files = ProblemFiles(spec.A0, spec.F, spec.labels, T=spec.T, beta=spec.beta, x0=spec.x0)
+    files = spec.files()
     files.validate()  # FileNotFoundError / ValueError before any cluster is contacted
     n = files.n
-    options = _train_options(config)
+    options = config.train.submit_options()
     if options["n_shards"] is not None and options["n_shards"] > files.S:
         raise ValueError(f"[train] n_shards = {options['n_shards']} is more than the "
                          f"S = {files.S} columns of F")
@@ -431,23 +435,11 @@ def _print_detached(run_id: str, args: argparse.Namespace) -> None:
 # ---- running ----------------------------------------------------------------------------------
 
 
-def _param(name: str):
-    from diagode_dist.param import ExpParam, SoftplusParam
-
-    return {"softplus": SoftplusParam, "exp": ExpParam}[name]()
-
-
-def _train_options(config: TrainConfig) -> dict[str, Any]:
-    options = asdict(config.train)
-    options["clamp"] = tuple(options["clamp"])
-    return options
-
-
 def _submit(client, problem, theta0: np.ndarray, options: dict[str, Any], **extra):
     from diagode_dist.service.client import submit
 
     kwargs = dict(options)
-    param = _param(kwargs.pop("param", "softplus"))
+    param = param_map(kwargs.pop("param", "softplus"))
     return submit(client, problem, theta0, param=param, **kwargs, **extra)
 
 

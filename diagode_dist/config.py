@@ -33,7 +33,7 @@ problem file that does not exist raises ``FileNotFoundError`` naming the path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,12 @@ class ProblemSpec:
     beta: float
     x0: Path | None = None
 
+    def files(self):
+        """The problem as ``diagode_dist.service.files.ProblemFiles`` (not loaded)."""
+        from diagode_dist.service.files import ProblemFiles
+
+        return ProblemFiles(self.A0, self.F, self.labels, T=self.T, beta=self.beta, x0=self.x0)
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -83,6 +89,20 @@ class TrainOptions:
     checkpoint_every: int = 10  # steps between checkpoints
     step_timeout: float = 300.0  # seconds a step may take before the run fails
     param: str = "softplus"
+
+    def submit_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``submit``/``fit_distributed``; ``param`` stays its name (see
+        ``param_map``) so that the options can be written to JSON."""
+        options = asdict(self)
+        options["clamp"] = tuple(options["clamp"])
+        return options
+
+
+def param_map(name: str):
+    """The diagonal map object for a config's ``param`` name."""
+    from diagode_dist.param import ExpParam, SoftplusParam
+
+    return {"softplus": SoftplusParam, "exp": ExpParam}[name]()
 
 
 @dataclass(frozen=True)

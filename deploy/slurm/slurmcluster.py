@@ -19,20 +19,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from distributed import Client
 
-import diagode_dist as dd
-from diagode_dist.config import load_config
+from diagode_dist.config import load_config, param_map
 from diagode_dist.report import write_outputs
 from diagode_dist.service.client import fit_distributed
 from diagode_dist.service.cluster import slurm_cluster
-from diagode_dist.service.files import ProblemFiles
-
-PARAMS = {"softplus": dd.SoftplusParam, "exp": dd.ExpParam}
 
 
 def main(argv=None) -> int:
@@ -88,12 +83,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _problem_and_options(config):
     spec = config.problem
-    problem = ProblemFiles(spec.A0, spec.F, spec.labels, T=spec.T, beta=spec.beta, x0=spec.x0)
+    problem = spec.files()
     problem.validate()
     n = np.load(spec.F, mmap_mode="r").shape[0]
-    options = asdict(config.train)
-    options["clamp"] = tuple(options["clamp"])
-    options["param"] = PARAMS[options["param"]]()
+    options = config.train.submit_options()
+    options["param"] = param_map(options["param"])
     return problem, np.zeros(n), options
 
 
