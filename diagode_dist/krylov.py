@@ -139,11 +139,14 @@ def _divide_rows(w, norms, xp):
 def exp_and_error(hessenberg, next_subdiag, norms, tau):
     """Projected solution and error estimate of ``exp(tau A) v`` for every column.
 
-    With H the square Hessenberg matrix, beta = ||v||, h = h_{m+1,m}:
+    hessenberg : (c, m, m) square Hessenberg matrices H (or (c, m+1, m): the last row is
+        ignored); next_subdiag : (c,) h = h_{m+1,m}; norms : (c,) beta = ||v||; tau : (c,)
+        steps (each column may take its own).
+
         y   = beta exp(tau H) e1                          (c, m)  coefficients in the basis
         err = beta tau h |e_m^T phi1(tau H) e1|           (c,)    (Saad 1992; Expokit's expv)
-    both read off one exponential of the augmented matrix [[tau H, e1], [0, 0]].
-    ``tau`` is (c,): each column may take its own step.
+
+    Both are read off one exponential of the augmented matrix [[tau H, e1], [0, 0]].
     """
     xp = array_module(hessenberg)
     c, _, m = hessenberg.shape
