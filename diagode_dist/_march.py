@@ -145,7 +145,9 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
         norms = xp.linalg.norm(start, axis=1)
         tol = rtol * remaining / T
         accept = _Acceptor(norms, remaining, tol, N - 1)
-        proj = arnoldi(make_apply(active), start, k, symmetric=symmetric, accept=accept)
+        # Lanczos structure of the augmented operator holds only from u0 = e_{n+1} (t = 0).
+        lanczos = symmetric and not t[active].any()
+        proj = arnoldi(make_apply(active), start, k, symmetric=lanczos, accept=accept)
         tau, y, rel = _choose_steps(proj, accept, remaining, T, rtol, N - 1)
         reached = tau >= remaining
         u_new = combine(proj.basis, y)
@@ -159,7 +161,7 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
         next_obs[observed] += 1
         kept += proj.basis.nbytes
         intervals.append(Interval(active, tau, start, proj if kept <= keep_bytes else None,
-                                  proj.dims, stop, symmetric))
+                                  proj.dims, stop, lanczos))
         acc.forward[active] += rel
         acc.forward_dim = max(acc.forward_dim, int(proj.dims.max()))
         active = active[next_obs[active] < obs.size]

@@ -245,7 +245,10 @@ def memory_budget(xp) -> int:
 def _default_chunk(prob, k, quad_points=None) -> int:
     """Columns per chunk so that the predicted working set fits half the memory budget."""
     per_column = predict_chunk_bytes(prob.n, 1, k, prob.dtype.itemsize, quad_points)
-    return max(1, int(memory_budget(prob.xp) // 2 // per_column))
+    fits = max(1, int(memory_budget(prob.xp) // 2 // per_column))
+    # A power of two, so that small changes in free memory between calls do not change the
+    # chunks (and with them the summation order of the result).
+    return 1 << (fits.bit_length() - 1)
 
 
 def _available_host_bytes() -> int:

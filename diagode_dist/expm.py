@@ -7,8 +7,6 @@ matrix's result does not depend on which other matrices share the stack.
 
 from __future__ import annotations
 
-import math
-
 from ._array import array_module
 
 # Padé-13 coefficients b_0..b_13 and the 1-norm bound theta_13 (Higham 2005, Table 2.3).
@@ -37,9 +35,7 @@ def expm_batched(a):
     s = shape[-1]
     stack = a.reshape(-1, s, s)
     norm1 = xp.abs(stack).sum(axis=-2).max(axis=-1)
-    # squarings per matrix: smallest j >= 0 with ||a / 2^j||_1 <= theta_13
-    ratio = xp.maximum(norm1 / _THETA13, 1.0)
-    squarings = xp.ceil(xp.log2(ratio)).astype(xp.int64)
+    squarings = _squarings(norm1, xp)
     scaled = stack * xp.ldexp(xp.ones_like(norm1), -squarings)[:, None, None]
     result = _pade13(scaled, xp)
     n_squarings = int(squarings.max()) if squarings.size else 0
@@ -48,6 +44,14 @@ def expm_batched(a):
         sub = result[idx]
         result[idx] = sub @ sub
     return result.reshape(shape)
+
+
+def _squarings(norm1, xp):
+    """Squarings per matrix: the smallest j >= 0 with ||a / 2^j||_1 <= theta_13. A non-finite
+    norm gets 0 (its result is NaN anyway) instead of a count that would never end on CUDA."""
+    ratio = xp.maximum(norm1 / _THETA13, 1.0)
+    squarings = xp.ceil(xp.log2(xp.where(xp.isfinite(ratio), ratio, 1.0))).astype(xp.int64)
+    return xp.clip(squarings, 0, 1100)
 
 
 def _pade13(a, xp):
@@ -61,11 +65,6 @@ def _pade13(a, xp):
              + b[1] * eye)
     v = a6 @ (b[12] * a6 + b[10] * a4 + b[8] * a2) + b[6] * a6 + b[4] * a4 + b[2] * a2 + b[0] * eye
     return xp.linalg.solve(v - u, v + u)
-
-
-def squarings_needed(norm1: float) -> int:
-    """Number of squarings the scaling step uses for a matrix of 1-norm ``norm1``."""
-    return max(0, math.ceil(math.log2(max(norm1 / _THETA13, 1.0))))
 
 
 def expm_block_upper(a, b, d):
@@ -84,8 +83,7 @@ def expm_block_upper(a, b, d):
     xp = array_module(a)
     norm1 = xp.maximum(xp.abs(a).sum(axis=-2).max(axis=-1),
                        (xp.abs(b).sum(axis=-2) + xp.abs(d).sum(axis=-2)).max(axis=-1))
-    ratio = xp.maximum(norm1 / _THETA13, 1.0)
-    squarings = xp.ceil(xp.log2(ratio)).astype(xp.int64)
+    squarings = _squarings(norm1, xp)
     scale = xp.ldexp(xp.ones_like(norm1), -squarings)[:, None, None]
     x = (a * scale, b * scale, d * scale)
     ea, eb, ed = _pade13_block(x, xp)

@@ -308,7 +308,8 @@ def _check_options(param, epochs, lr, k, batch_size, weight_decay, clamp, seed, 
     check_int(batch_size, "batch_size", 1)
     check_int(checkpoint_every, "checkpoint_every", 1)
     check_int(seed, "seed", 0)
-    positive_real(rtol, "rtol")
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 < rtol < 1:
+        raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}")
     positive_real(step_timeout, "step_timeout")
     Adam(lr=lr, weight_decay=weight_decay, clamp=clamp)  # its own ValueErrors name the argument
     if not isinstance(resume, bool):
