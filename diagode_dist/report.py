@@ -133,3 +133,12 @@ def _atomic_write(path: Path, write, text: bool = False) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_and_announce(out_dir: str | Path, theta: Any, history: Sequence[float],
+                       summary: Mapping[str, Any]) -> dict[str, Path]:
+    """``write_outputs``, then one line saying how the loss moved and what was written where."""
+    paths = write_outputs(out_dir, theta, history, summary)
+    print(f"loss per epoch: {history[0]:.6g} -> {history[-1]:.6g}; wrote "
+          f"{', '.join(p.name for p in paths.values())} to {Path(out_dir).resolve()}")
+    return paths

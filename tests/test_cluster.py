@@ -83,7 +83,7 @@ class NVMLError(Exception):
 
 
 class NVMLError_LibraryNotFound(NVMLError):  # noqa: N801 - pynvml's spelling
-    pass
+    """What pynvml raises when the NVIDIA driver library is missing."""
 
 
 def _dask_cuda_without_driver(raises: BaseException, calls: list):

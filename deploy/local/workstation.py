@@ -23,7 +23,7 @@ from distributed import Client
 
 import diagode_dist as dd
 from diagode_dist.config import load_config, param_map
-from diagode_dist.report import write_outputs
+from diagode_dist.report import write_and_announce
 from diagode_dist.service.client import fit_distributed
 from diagode_dist.service.cluster import local_cluster
 
@@ -38,11 +38,10 @@ def main(argv=None) -> int:
                        cuda_visible_devices=args.gpus, rmm_pool_size=args.rmm_pool_size,
                        protocol=args.protocol) as cluster, Client(cluster) as client:
         print(f"{len(cluster.workers)} worker(s); dashboard {client.dashboard_link}", flush=True)
-        theta, history = fit_distributed(client, problem, theta0, **options)
-    paths = write_outputs(out_dir, theta, history, {"command": "deploy/local/workstation.py",
-                                                    "options": _plain(options)})
-    print(f"loss per epoch: {history[0]:.6g} -> {history[-1]:.6g}; wrote "
-          f"{', '.join(p.name for p in paths.values())} to {Path(out_dir).resolve()}")
+        theta, history = fit_distributed(client, problem, theta0,
+                                         **{**options, "param": param_map(options["param"])})
+    write_and_announce(out_dir, theta, history, {"command": "deploy/local/workstation.py",
+                                                    "options": options})
     return 0
 
 
@@ -64,7 +63,8 @@ def _problem_and_options(args):
     """(problem, theta0, fit_distributed options, output folder) from the config or the demo."""
     if args.demo:
         problem = dd.demo_problem()
-        options = {"epochs": 20, "lr": 0.05, "k": 30, "batch_size": 32, "seed": 0}
+        options = {"epochs": 20, "lr": 0.05, "k": 30, "batch_size": 32, "seed": 0,
+                   "param": "softplus"}
         return problem, np.zeros(problem.n), options, args.out or Path("demo-out")
     config = load_config(args.config)
     spec = config.problem
@@ -72,14 +72,7 @@ def _problem_and_options(args):
     problem.validate()
     n = np.load(spec.F, mmap_mode="r").shape[0]
     options = config.train.submit_options()
-    options["param"] = param_map(options["param"])
     return problem, np.zeros(n), options, args.out or config.output_dir
-
-
-def _plain(options: dict) -> dict:
-    """The options as JSON-able values (the diagonal map by its class name)."""
-    return {key: type(value).__name__ if key == "param" else value
-            for key, value in options.items()}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np
 from distributed import Client
 
 from diagode_dist.config import load_config, param_map
-from diagode_dist.report import write_outputs
+from diagode_dist.report import write_and_announce
 from diagode_dist.service.client import fit_distributed
 from diagode_dist.service.cluster import slurm_cluster
 
@@ -52,13 +52,12 @@ def main(argv=None) -> int:
         print(f"queued {args.jobs} job(s); waiting for {workers} worker(s); dashboard "
               f"{client.dashboard_link}", flush=True)
         client.wait_for_workers(workers, timeout=args.worker_timeout)
-        theta, history = fit_distributed(client, problem, theta0, **options)
+        theta, history = fit_distributed(client, problem, theta0,
+                                         **{**options, "param": param_map(options["param"])})
     out_dir = args.out or config.output_dir
-    paths = write_outputs(out_dir, theta, history, {"command": "deploy/slurm/slurmcluster.py",
+    write_and_announce(out_dir, theta, history, {"command": "deploy/slurm/slurmcluster.py",
                                                     "cluster": cluster_options,
-                                                    "options": _plain(options)})
-    print(f"loss per epoch: {history[0]:.6g} -> {history[-1]:.6g}; wrote "
-          f"{', '.join(p.name for p in paths.values())} to {Path(out_dir).resolve()}")
+                                                    "options": options})
     return 0
 
 
@@ -87,14 +86,7 @@ def _problem_and_options(config):
     problem.validate()
     n = np.load(spec.F, mmap_mode="r").shape[0]
     options = config.train.submit_options()
-    options["param"] = param_map(options["param"])
     return problem, np.zeros(n), options
-
-
-def _plain(options: dict) -> dict:
-    """The options as JSON-able values (the diagonal map by its class name)."""
-    return {key: type(value).__name__ if key == "param" else value
-            for key, value in options.items()}
 
 
 if __name__ == "__main__":
