@@ -1,10 +1,9 @@
-"""The ``diagode-dist`` command: demo, train, status, result and bench.
+"""The ``diagode-dist`` command: demo, train, status and result.
 
     diagode-dist demo [--out DIR] [--epochs N] [--n N] [--S S] [--workers W] ...
     diagode-dist train CONFIG.toml [--scheduler ADDRESS | --scheduler-file FILE | --slurm ...]
     diagode-dist status RUN_ID (--scheduler ADDRESS | --scheduler-file FILE)
     diagode-dist result RUN_ID (--scheduler ADDRESS | --scheduler-file FILE) [--out DIR] [--wait]
-    diagode-dist bench [...]        (see ``diagode-dist bench --help``)
 
 User errors (a bad config, a missing file, an unreachable scheduler, a failed run) end with one
 line on stderr and exit status 1; ``--traceback`` shows the Python traceback instead.
@@ -54,10 +53,6 @@ _log = logging.getLogger("diagode_dist.cli")
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":  # bench has its own parser: forward everything after it
-        from diagode_dist.bench import main as bench_main
-
-        return int(bench_main(argv[1:]) or 0)
     args = _build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
@@ -161,9 +156,6 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_timeouts(result, workers=False)
     result.add_argument("--quiet", action="store_true", help="no progress bar")
     result.set_defaults(handler=_cmd_result)
-
-    commands.add_parser("bench", help="benchmarks (all arguments go to diagode_dist.bench)",
-                        add_help=False)
     return parser
 
 

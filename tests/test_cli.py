@@ -148,15 +148,8 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "train", "status", "result", "bench"):
+    for command in ("demo", "train", "status", "result"):
         assert command in out
-
-
-def test_bench_gets_the_rest_of_the_command_line(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["bench", "--help"])
-    assert info.value.code == 0
-    assert "usage: diagode-dist bench" in capsys.readouterr().out
 
 
 def test_usage_error_exits_2(capsys):
