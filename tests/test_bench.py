@@ -5,15 +5,20 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.special
 
-from diagode_dist.bench import Row, _measure, main, roofline
-from diagode_dist.bench import cases as bench_cases
-from diagode_dist.bench.cases import exact_loss_and_grad, relative_error
+from benchmarks import cases as bench_cases
+from benchmarks import roofline
+from benchmarks.cases import exact_loss_and_grad, relative_error
+from benchmarks.cli import main
+from benchmarks.compare import Row, _measure
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: ``python -m benchmarks`` runs there
 
 
 def _small_problem(n=6, S=3, scale=0.3, x0=True, seed=1):
@@ -108,7 +113,7 @@ def test_stiff_case_is_as_described():
 def test_torch_peers_agree_with_the_reference():
     pytest.importorskip("torch")
     pytest.importorskip("torchdiffeq")
-    from diagode_dist.bench import peers
+    from benchmarks import peers
 
     peers.configure_torch(2)
     prob, theta = _small_problem(n=8, S=3, scale=0.2)
@@ -126,7 +131,7 @@ def test_sparse_adjoint_peer_agrees_with_the_reference():
     """The GPU report's peer (A0 as a torch sparse CSR tensor), here on the CPU."""
     pytest.importorskip("torch")
     pytest.importorskip("torchdiffeq")
-    from diagode_dist.bench import peers
+    from benchmarks import peers
 
     a = bench_cases.grid_arrays(4, 3)
     prob = SimpleNamespace(x0=None, **{key: a[key] for key in ("A0", "F", "labels", "T", "beta")})
@@ -138,7 +143,7 @@ def test_sparse_adjoint_peer_agrees_with_the_reference():
 def test_peer_past_its_deadline_is_stopped_and_reported():
     pytest.importorskip("torch")
     pytest.importorskip("torchdiffeq")
-    from diagode_dist.bench import peers
+    from benchmarks import peers
 
     prob, theta = _small_problem()
     with pytest.raises(peers.PeerTimeout):
@@ -199,8 +204,8 @@ def _cell(out: str, line: str, column: str) -> str:
 
 def test_markdown_output_from_the_module_entry_point():
     result = subprocess.run(
-        [sys.executable, "-m", "diagode_dist.bench", "--quick", "--no-peers", "--markdown"],
-        capture_output=True, text=True, timeout=120, check=True)
+        [sys.executable, "-m", "benchmarks", "--quick", "--no-peers", "--markdown"],
+        capture_output=True, text=True, timeout=120, check=True, cwd=ROOT)
     lines = result.stdout.splitlines()
     assert "| " + " | ".join(EXPECTED_COLUMNS) + " |" in lines
     rows = [line for line in lines if line.startswith("| tiny |")]

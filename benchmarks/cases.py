@@ -3,7 +3,7 @@
 A case is a problem (anything with the attributes ``A0, F, labels, T, beta, x0`` of
 :class:`diagode_dist.Problem`) plus the theta at which the gradient is taken.
 
-The reference (DESIGN.md section 6, FIELD-NOTES.md) needs no Krylov space and no quadrature:
+The reference needs no Krylov space and no quadrature:
 
 * forward: with the augmented operator Â = [[A, F], [0, 0]] ((n+S) square) and U0 = [X0; I],
   X(T) is the top n rows of exp(T Â) U0;

@@ -1,23 +1,15 @@
-"""``diagode-dist bench``: our gradient against its peers, side by side in one run.
-
-    python -m diagode_dist.bench [--quick] [--cases demo,n1024,stiff2d|none] [--repeat R]
-                                 [--peer-budget SECONDS] [--no-peers] [--scaling] [--service]
-                                 [--gpu] [--markdown]
+"""Our gradient against the exact reference and its peers on the benchmark cases: one row each.
 
 For every case it times ``dd.loss_and_grad`` (median of R runs) and scores its gradient against
-the exact dense reference (``cases.exact_loss_and_grad``). With torch + torchdiffeq installed
-(the ``bench`` extra) the peers of ``peers.py`` run on the identical loss and gradient in the
-same process, float64, 2 threads; each row gives time, relative gradient error and the ratio
-peer time / our time. ``--scaling`` adds our time against n, S and k on sparse problems;
-``--gpu`` adds the orthogonalisation's bytes, achieved bandwidth and roofline fraction on CuPy.
+the exact dense reference. With torch + torchdiffeq installed (the ``bench`` extra) the peers of
+``peers.py`` run on the identical loss and gradient in the same process, float64, 2 threads;
+each row gives time, relative gradient error and the ratio peer time / our time.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,10 +18,9 @@ from typing import Any
 import numpy as np
 
 from . import cases as _cases
-from .machine import describe_machine
-from .table import heading, render_table
+from .table import render_table
 
-__all__ = ["main", "run_case", "format_table"]
+__all__ = ["Row", "run_case", "format_table", "cases_section"]
 
 DENSE_PEER_MAX = 2048  # n + S above which the dense matrix_exp peer is not run (> 60 s here)
 QUAD_POINTS = 32  # the seed package's trapezoid rule
@@ -225,122 +216,20 @@ def format_table(rows: Sequence[Row], markdown: bool = False,
     return render_table(columns, body, markdown)
 
 
-# ---- command line -----------------------------------------------------------------------------
+# ---- the section of the report -----------------------------------------------------------------
 
 
-def _case_list(text: str) -> list[str]:
-    if text.strip() == "none":  # e.g. --gpu alone
-        return []
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in _cases.CASE_NAMES]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown case(s) {', '.join(unknown) or text!r}; choose from "
-            f"{', '.join(_cases.CASE_NAMES)}")
-    return names
-
-
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return value
-
-    return parse
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diagode-dist bench",
-        description="Time dd.loss_and_grad against its exact reference and its peers "
-        "(torchdiffeq, dense matrix_exp, the seed's quadrature) on identical problems.")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny case, one run each (a smoke test of the harness)")
-    parser.add_argument("--cases", type=_case_list, default=None,
-                        help=f"comma-separated, from {','.join(_cases.CASE_NAMES)}, or none "
-                        f"(default: {','.join(_cases.DEFAULT_CASES)})")
-    parser.add_argument("--repeat", type=_positive(int), default=None,
-                        help="timed runs per method (default 5; 1 with --quick)")
-    parser.add_argument("--peer-budget", type=_positive(float), default=60.0,
-                        help="seconds a method may take on a case before it is stopped or not "
-                        "repeated (default: %(default)s)")
-    parser.add_argument("--no-peers", action="store_true", help="skip the torch peers")
-    parser.add_argument("--threads", type=_positive(int), default=2,
-                        help="torch threads for the peers (default: %(default)s)")
-    parser.add_argument("--scaling", action="store_true",
-                        help="also time ours against n, S and k on sparse grid problems")
-    parser.add_argument("--gpu", action="store_true",
-                        help="also run ours on CuPy (n ~ 1e5, S = 1024) with the "
-                        "orthogonalisation's bytes moved, bandwidth and roofline fraction")
-    parser.add_argument("--service", action="store_true",
-                        help="also measure the Dask service: parameter-server overhead per "
-                        "step (n = 1e4, 1e6) and the speed-up of 2 workers over 1 (~2 min)")
-    parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark command line ``argv`` (default ``sys.argv[1:]``); returns 0."""
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    names = args.cases
-    if names is None:
-        names = ["tiny"] if args.quick else list(_cases.DEFAULT_CASES)
-    repeat = args.repeat or (1 if args.quick else 5)
-    with_peers = not args.no_peers
-    if with_peers:
-        from . import peers
-
-        if peers.available() is None:
-            peers.configure_torch(args.threads)
-
-    print(heading("diagode-dist benchmark", args.markdown))
-    print(describe_machine(args.markdown, torch_threads=args.threads if with_peers else None))
-    print()
-    if names:
-        print(_cases_section(names, repeat, args.peer_budget, with_peers, args.markdown))
-    if args.scaling:
-        from .scaling import scaling_table
-
-        print()
-        print(heading("Scaling of our time with n, S and k (sparse grid problems)", args.markdown))
-        print(scaling_table(repeat=min(repeat, 3), markdown=args.markdown, quick=args.quick,
-                            log=_log))
-    if args.service:
-        from diagode_dist.service.bench import bench_service, format_table
-
-        print()
-        print(heading("Dask service: parameter-server overhead and speed-up", args.markdown))
-        print(format_table(bench_service(overhead_sizes=(10_000,) if args.quick
-                                         else (10_000, 1_000_000))))
-    if args.gpu:
-        from .roofline import gpu_report
-
-        print()
-        print(heading("GPU: orthogonalisation bandwidth against the roofline", args.markdown))
-        print(gpu_report(repeat=min(repeat, 3), markdown=args.markdown, budget=args.peer_budget,
-                         log=_log))
-    return 0
-
-
-def _log(message: str) -> None:
-    """Progress goes to stderr, so that stdout is the report alone."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def _cases_section(names: Sequence[str], repeat: int, budget: float, with_peers: bool,
-                   markdown: bool) -> str:
+def cases_section(names: Sequence[str], repeat: int, budget: float, with_peers: bool,
+                  markdown: bool, log: Callable[[str], None] | None = None) -> str:
     """Build and run every case; the legend of cases and the table."""
+    log = log or (lambda _msg: None)
     rows: list[Row] = []
     legend: dict[str, str] = {}
     for name in names:
         case = _cases.build_case(name)
         legend[name] = case.description
-        _log(f"[{name}] {case.description}")
-        rows.extend(run_case(case, repeat=repeat, budget=budget, with_peers=with_peers, log=_log))
+        log(f"[{name}] {case.description}")
+        rows.extend(run_case(case, repeat=repeat, budget=budget, with_peers=with_peers, log=log))
     return _case_legend(legend, markdown) + "\n\n" + format_table(rows, markdown)
 
 

@@ -1,7 +1,8 @@
 """Benchmark of the training service: parameter-server overhead and speed-up over workers.
 
-    python -m diagode_dist.service.bench            # prints the table
-    from diagode_dist.service.bench import bench_service, format_table
+    python -m benchmarks --service --cases none     # in the benchmark report
+    python -m benchmarks.service [--quick]          # this table alone
+    from benchmarks.service import bench_service, format_table
 
 Two measurements, side by side in one run, each on fresh ``LocalCluster``s of worker
 processes (one thread each):
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-OVERHEAD_TARGET_MS = 5.0  # at n = 1e4 (issue 3)
+OVERHEAD_TARGET_MS = 5.0  # at n = 1e4
 SPEEDUP_TARGET = 1.7
 
 
@@ -126,7 +127,7 @@ def _timed_run(prob, shards: int, workers: int, steps: int, batch_size: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diagode_dist.service.bench",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.service",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="n = 1e4 only, fewer steps")
     args = parser.parse_args(argv)

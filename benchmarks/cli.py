@@ -1,0 +1,152 @@
+"""The command line of ``python -m benchmarks``: a header (machine, versions) and the sections.
+
+The comparison of the cases comes first (unless ``--cases none``); every other section is
+optional and listed once in ``SECTIONS``: its flag, title and the function that renders it.
+A new table is a module with such a function and one entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import cases as _cases
+from .compare import cases_section
+from .machine import describe_machine
+from .table import heading
+
+__all__ = ["main", "SECTIONS"]
+
+
+def _log(message: str) -> None:
+    """Progress goes to stderr, so that stdout is the report alone."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- optional sections ------------------------------------------------------------------------
+
+
+def _scaling(args: argparse.Namespace) -> str:
+    from .scaling import scaling_table
+
+    return scaling_table(repeat=min(args.repeat, 3), markdown=args.markdown, quick=args.quick,
+                         log=_log)
+
+
+def _service(args: argparse.Namespace) -> str:
+    from .service import bench_service, format_table
+
+    sizes = (10_000,) if args.quick else (10_000, 1_000_000)
+    return format_table(bench_service(overhead_sizes=sizes))
+
+
+def _gpu(args: argparse.Namespace) -> str:
+    from .roofline import gpu_report
+
+    return gpu_report(repeat=min(args.repeat, 3), markdown=args.markdown,
+                      budget=args.peer_budget, log=_log)
+
+
+@dataclass(frozen=True)
+class Section:
+    """An optional part of the report: ``--flag`` turns it on; ``render(args)`` returns it."""
+
+    flag: str
+    title: str
+    help: str
+    render: Callable[[argparse.Namespace], str]
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("scaling", "Scaling of our time with n, S and k (sparse grid problems)",
+            "also time ours against n, S and k on sparse grid problems", _scaling),
+    Section("service", "Dask service: parameter-server overhead and speed-up",
+            "also measure the Dask service: parameter-server overhead per step (n = 1e4, 1e6) "
+            "and the speed-up of 2 workers over 1 (~2 min)", _service),
+    Section("gpu", "GPU: orthogonalisation bandwidth against the roofline",
+            "also run ours on CuPy (n ~ 1e5, S = 1024) with the orthogonalisation's bytes "
+            "moved, bandwidth and roofline fraction", _gpu),
+)
+
+
+# ---- the parser -------------------------------------------------------------------------------
+
+
+def _case_list(text: str) -> list[str]:
+    if text.strip() == "none":  # e.g. --gpu alone
+        return []
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in _cases.CASE_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown case(s) {', '.join(unknown) or text!r}; choose from "
+            f"{', '.join(_cases.CASE_NAMES)}")
+    return names
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time dd.loss_and_grad against its exact reference and its peers "
+        "(torchdiffeq, dense matrix_exp, the seed's quadrature) on identical problems.")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny case, one run each (a smoke test of the harness)")
+    parser.add_argument("--cases", type=_case_list, default=None,
+                        help=f"comma-separated, from {','.join(_cases.CASE_NAMES)}, or none "
+                        f"(default: {','.join(_cases.DEFAULT_CASES)})")
+    parser.add_argument("--repeat", type=_positive(int), default=None,
+                        help="timed runs per method (default 5; 1 with --quick)")
+    parser.add_argument("--peer-budget", type=_positive(float), default=60.0,
+                        help="seconds a method may take on a case before it is stopped or not "
+                        "repeated (default: %(default)s)")
+    parser.add_argument("--no-peers", action="store_true", help="skip the torch peers")
+    parser.add_argument("--threads", type=_positive(int), default=2,
+                        help="torch threads for the peers (default: %(default)s)")
+    for section in SECTIONS:
+        parser.add_argument(f"--{section.flag}", action="store_true", help=section.help)
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark command line ``argv`` (default ``sys.argv[1:]``); returns 0."""
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    names = args.cases
+    if names is None:
+        names = ["tiny"] if args.quick else list(_cases.DEFAULT_CASES)
+    args.repeat = args.repeat or (1 if args.quick else 5)
+    with_peers = not args.no_peers
+    if with_peers:
+        from . import peers
+
+        if peers.available() is None:
+            peers.configure_torch(args.threads)
+
+    print(heading("diagode-dist benchmark", args.markdown))
+    print(describe_machine(args.markdown, torch_threads=args.threads if with_peers else None))
+    print()
+    if names:
+        print(cases_section(names, args.repeat, args.peer_budget, with_peers, args.markdown,
+                            log=_log))
+    for section in SECTIONS:
+        if getattr(args, section.flag):
+            print()
+            print(heading(section.title, args.markdown))
+            print(section.render(args), flush=True)
+    return 0
