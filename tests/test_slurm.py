@@ -2,17 +2,21 @@
 
 The session fixture installs Debian's slurm-wlm and munge when missing and starts munged,
 slurmctld and slurmd on this host (tests/infra/slurm_up.sh); it stops them by pid at the end
-(tests/infra/slurm_down.sh). Skipped with the reason when not root or when apt cannot install.
+(tests/infra/slurm_down.sh), also when the run is interrupted or killed (tested below).
+Skipped with the reason when not root or when apt cannot install.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,38 +48,93 @@ class Slurm:
 
 @pytest.fixture(scope="session")
 def slurm(request):
-    """A running single-node SLURM; SLURM_CONF points at it for the whole session."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("SLURM tests need root (to install SLURM and start slurmctld/slurmd)")
-    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+    """A running single-node SLURM; SLURM_CONF points at it for the whole session.
+
+    Its daemons never outlive the test run: SIGTERM and SIGHUP become KeyboardInterrupt (as
+    Ctrl-C is), so pytest tears this fixture down; an interrupted start stops what it started;
+    and a guard process in a session of its own runs slurm_down.sh if this process dies without
+    tearing down (SIGKILL).
+    """
+    _require_slurm_prerequisites()
     # Not under pytest's tmp dir: daemons and job steps must reach it, whatever its mode.
     state_dir = Path(tempfile.mkdtemp(prefix="diagode-slurm-"))
     state_dir.chmod(0o755)
-    up = subprocess.run(["bash", str(INFRA / "slurm_up.sh"), str(state_dir)],
-                        capture_output=True, text=True, timeout=900)
+    guard = subprocess.Popen(["bash", str(INFRA / "slurm_guard.sh"), str(os.getpid()),
+                              str(state_dir)], start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    handlers = _signals_interrupt(signal.SIGTERM, signal.SIGHUP)
+    previous = os.environ.get("SLURM_CONF")
     try:
-        if up.returncode == SKIP_STATUS:
-            pytest.skip(f"SLURM unavailable: {_last_line(up.stderr)}")
-        if up.returncode != 0:
-            pytest.fail(f"slurm_up.sh failed ({up.returncode}):\n{up.stderr[-3000:]}")
-        conf = Path(up.stdout.strip().splitlines()[-1])
-        previous = os.environ.get("SLURM_CONF")
+        conf = _slurm_up(state_dir)
         os.environ["SLURM_CONF"] = str(conf)  # dask_jobqueue's sbatch calls inherit it
-        try:
-            yield Slurm(conf=conf, state_dir=state_dir)
-        finally:
-            if previous is None:
-                os.environ.pop("SLURM_CONF", None)
-            else:
-                os.environ["SLURM_CONF"] = previous
+        yield Slurm(conf=conf, state_dir=state_dir)
     finally:
-        subprocess.run(["bash", str(INFRA / "slurm_down.sh"), str(state_dir)],
-                       capture_output=True, text=True, timeout=120)
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        with _signals_ignored(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            subprocess.run(["bash", str(INFRA / "slurm_down.sh"), str(state_dir)],
+                           capture_output=True, text=True, timeout=120)
+            guard.kill()
+            guard.wait()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         if request.session.testsfailed == 0:
             shutil.rmtree(state_dir, ignore_errors=True)
         else:  # the daemons' logs explain most failures
             print(f"\nSLURM state and logs kept in {state_dir}")
+
+
+def _require_slurm_prerequisites() -> None:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("SLURM tests need root (to install SLURM and start slurmctld/slurmd)")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("SLURM is not installed and apt-get is not available to install it")
+
+
+def _slurm_up(state_dir: Path) -> Path:
+    """Run slurm_up.sh; its slurm.conf. Interrupted, it is asked to stop (it then stops what it
+    started) before the interrupt goes on."""
+    up = subprocess.Popen(["bash", str(INFRA / "slurm_up.sh"), str(state_dir)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = up.communicate(timeout=900)
+    except BaseException:
+        with _signals_ignored(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            up.terminate()
+            try:
+                up.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.communicate()
+        raise
+    if up.returncode == SKIP_STATUS:
+        pytest.skip(f"SLURM unavailable: {_last_line(stderr)}")
+    if up.returncode != 0:
+        pytest.fail(f"slurm_up.sh failed ({up.returncode}):\n{stderr[-3000:]}")
+    return Path(stdout.strip().splitlines()[-1])
+
+
+def _raise_interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _signals_interrupt(*signums) -> dict:
+    """Make these signals raise KeyboardInterrupt; returns the previous handlers."""
+    return {signum: signal.signal(signum, _raise_interrupt) for signum in signums}
+
+
+@contextlib.contextmanager
+def _signals_ignored(*signums):
+    """Ignore these signals inside the block (a second Ctrl-C must not cut a cleanup short)."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _last_line(text: str) -> str:
@@ -143,6 +202,7 @@ def test_sbatch_usage_error_without_config(tmp_path):
     assert "usage" in out.stderr and "missing.toml" in out.stderr
 
 
+@pytest.mark.slow
 def test_sbatch_script_cpu_mode_trains_like_local_fit(slurm, tmp_path):
     config = _write_problem_config(tmp_path)
     out_dir = tmp_path / "out"
@@ -203,6 +263,7 @@ def test_sbatch_gpu_mode_without_gpus_says_how_to_ask_for_them(tmp_path):
     assert not list((tmp_path / "out").glob("scheduler-*"))
 
 
+@pytest.mark.slow
 def test_sbatch_job_exit_status_is_the_trainings(slurm, tmp_path):
     """Training that fails after the cluster is up (a bad CLI option: argparse exits 2): the job
     exits with that status, and the cluster is still shut down."""
@@ -244,6 +305,7 @@ def slurm_client(slurm, tmp_path_factory):
         yield client
 
 
+@pytest.mark.slow
 class TestSLURMCluster:
     """slurm_cluster(jobs=2, cores=1, memory="1GB", interface="lo"): two SLURM jobs as workers.
 
@@ -274,6 +336,7 @@ class TestSLURMCluster:
         assert np.linalg.norm(theta_local) > 1e-3
 
 
+@pytest.mark.slow
 def test_cli_train_slurm_path_matches_local_fit(slurm, tmp_path):
     """`diagode-dist train CONFIG --slurm --jobs 2 ...`: SLURMCluster jobs started by the CLI."""
     config = _write_problem_config(tmp_path)
@@ -297,3 +360,82 @@ def test_cli_train_slurm_path_matches_local_fit(slurm, tmp_path):
     queued = subprocess.run(["squeue", "-h", "-n", "dask-worker", "-o", "%i"],
                             capture_output=True, text=True, timeout=30, env=env).stdout
     assert queued.strip() == ""
+
+
+# ---- an interrupted or killed test run leaves no daemon behind ---------------------------------
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+
+
+def _alive(pid: int, name: str) -> bool:
+    """Process pid runs and is called name (not a zombie, not a reused pid of another name)."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return comm == name and state != "Z"
+
+
+def _daemon_pids(state_dir: Path) -> dict[str, int]:
+    """The instance's daemons by their pid files (munged's from its own folder until copied)."""
+    pids = {}
+    munge_dir = state_dir / "munge_dir"
+    files = {"slurmctld": state_dir / "slurmctld.pid", "slurmd": state_dir / "slurmd.pid",
+             "munged": state_dir / "munged.pid"}
+    if not files["munged"].exists() and munge_dir.exists():
+        files["munged"] = Path(munge_dir.read_text().strip()) / "munged.pid"
+    for name, path in files.items():
+        with contextlib.suppress(OSError, ValueError):
+            pids[name] = int(path.read_text().strip())
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C", "SIGKILL"])
+def test_interrupted_test_run_leaves_no_slurm_daemon(how, tmp_path):
+    """A pytest run of a SLURM test, stopped once its daemons are up: by SIGTERM to the process,
+    by SIGINT to its process group (Ctrl-C in a terminal), or by SIGKILL. Afterwards none of
+    munged, slurmctld or slurmd of its instance runs."""
+    _require_slurm_prerequisites()
+    inner_test = "tests/test_slurm.py::test_sbatch_script_cpu_mode_trains_like_local_fit"
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the inner run's state dir lands here
+    env.pop("SLURM_CONF", None)
+    inner = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              inner_test], cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pids = _wait_for_daemons(inner, tmp_path, timeout=600)
+        if how == "Ctrl-C":
+            os.killpg(inner.pid, signal.SIGINT)
+        else:
+            inner.send_signal(getattr(signal, how))
+        output = inner.communicate(timeout=180)[0]
+    finally:
+        if inner.poll() is None:
+            inner.kill()
+            inner.communicate()
+    deadline = time.monotonic() + 30  # after SIGKILL the guard stops them (about 3 s)
+    while any(_alive(pid, name) for name, pid in pids.items()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = {name: pid for name, pid in pids.items() if _alive(pid, name)}
+    assert not survivors, f"{how}: still running {survivors}\n{output[-3000:]}"
+    if how != "SIGKILL":  # pytest's own exit status for an interrupted run
+        assert inner.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
+
+
+def _wait_for_daemons(inner: subprocess.Popen, tmp_path: Path, timeout: float) -> dict[str, int]:
+    """The pids of the inner run's three daemons, once all three run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if inner.poll() is not None:
+            output = inner.communicate()[0]
+            if "skipped" in output and "SLURM unavailable" in output:
+                pytest.skip(_last_line(output))
+            pytest.fail(f"the inner test run ended before its daemons were up:\n{output[-3000:]}")
+        for state_dir in tmp_path.glob("diagode-slurm-*"):
+            pids = _daemon_pids(state_dir)
+            if set(pids) == set(DAEMONS) and all(_alive(pid, name) for name, pid in pids.items()):
+                return pids
+        time.sleep(0.2)
+    pytest.fail(f"the daemons were not up after {timeout:.0f} s")

@@ -2,9 +2,12 @@
 # Stop the SLURM daemons started by tests/infra/slurm_up.sh, by their pid files only.
 #
 # Usage: tests/infra/slurm_down.sh [STATE_DIR]   (default $DIAGODE_SLURM_DIR or /tmp/diagode-slurm)
-# Cancels the jobs still queued, then stops slurmd, slurmctld and the instance's private munged,
-# each only if its pid file still names a process of that name (never a reused pid). Leaves
-# STATE_DIR in place (the logs, munged's included, are useful after a failure).
+# Cancels the jobs still queued, then stops slurmd, slurmctld and the instance's private munged:
+# by their pid files (each only if it still names a process of that name, never a reused pid),
+# and by their command lines, which name this instance's slurm.conf or munge socket folder (for
+# daemons an interrupted slurm_up.sh started before their pid files were written). Safe to run
+# twice or on a half-started instance. Leaves STATE_DIR in place (the logs, munged's included,
+# are useful after a failure).
 set -uo pipefail
 
 STATE_DIR=${1:-${DIAGODE_SLURM_DIR:-/tmp/diagode-slurm}}
@@ -25,6 +28,7 @@ signal_pidfile() {
     [[ -s $file ]] || return 0
     pid=$(cat "$file")
     rm -f "$file"
+    [[ " ${PIDS[*]} " == *" $pid "* ]] && return 0
     [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]] || return 0
     kill -TERM "$pid" 2>/dev/null || return 0
     PIDS+=("$pid")
@@ -61,9 +65,29 @@ if [[ -n $ctld_pid ]] && alive "$ctld_pid" && command -v scancel >/dev/null; the
         done
     fi
 fi
+# signal_instance NAME PATTERN: daemons called NAME whose command line contains PATTERN (this
+# instance's slurm.conf or munge socket folder): those whose pid file was not written yet or is
+# gone, e.g. when slurm_up.sh was interrupted while it started them.
+signal_instance() {
+    local name=$1 pattern=$2 pid
+    for pid in $(pgrep -x "$name"); do
+        [[ " ${PIDS[*]} " == *" $pid "* ]] && continue
+        if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF -- "$pattern"; then
+            kill -TERM "$pid" 2>/dev/null && PIDS+=("$pid") && NAMES+=("$name")
+        fi
+    done
+}
+
+munge_dir=$(cat "$STATE_DIR/munge_dir" 2>/dev/null || true)
 signal_pidfile slurmd "$STATE_DIR/slurmd.pid"
 signal_pidfile slurmctld "$STATE_DIR/slurmctld.pid"
 signal_pidfile munged "$STATE_DIR/munged.pid"
+signal_instance slurmd "$STATE_DIR/slurm.conf"
+signal_instance slurmctld "$STATE_DIR/slurm.conf"
+if [[ $munge_dir == /run/munge/diagode.* ]]; then
+    signal_pidfile munged "$munge_dir/munged.pid"
+    signal_instance munged "--socket=$munge_dir/"
+fi
 [[ ${#PIDS[@]} -gt 0 ]] && wait_stopped
 # Job step daemons of this instance that outlived it (a step stuck reporting to a dead slurmd):
 # slurmstepd processes whose environment names this instance's slurm.conf, with their tasks.
@@ -73,14 +97,13 @@ kill_tree() {
     kill -KILL "$1" 2>/dev/null
 }
 for pid in $(pgrep -x slurmstepd); do
-    if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null \
+    if tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" \
             | grep -qx "SLURM_CONF=$STATE_DIR/slurm.conf"; then
         log "killing leftover slurmstepd $pid and its tasks"
         kill_tree "$pid"
     fi
 done
 # The private munged's socket directory (see slurm_up.sh).
-munge_dir=$(cat "$STATE_DIR/munge_dir" 2>/dev/null || true)
 if [[ $munge_dir == /run/munge/diagode.* ]]; then
     cp "$munge_dir/munged.log" "$STATE_DIR/log/munged.log" 2>/dev/null
     rm -rf "$munge_dir" "$STATE_DIR/munge_dir"

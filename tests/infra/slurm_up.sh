@@ -9,7 +9,8 @@
 # slurm.conf (select/cons_tres, proctrack/linuxproc, task/none, no accounting; free ports), starts
 # a private munged (own socket) and slurmctld and slurmd by hand (no systemd) as root, and waits
 # until `sinfo` shows the node idle. Several instances (state dirs) can run side by side.
-# Stop everything with tests/infra/slurm_down.sh STATE_DIR (by pid file).
+# Stop everything with tests/infra/slurm_down.sh STATE_DIR (by pid file); interrupted (INT, TERM,
+# HUP) while starting, it runs slurm_down.sh itself.
 #
 # Exit status: 0 = up; 77 = a prerequisite is missing (not root, no apt-get, install failed):
 # callers skip on 77; anything else = the daemons did not come up (a real failure; see the logs).
@@ -166,6 +167,17 @@ if pid_alive "$STATE_DIR/slurmctld.pid" slurmctld && pid_alive "$STATE_DIR/slurm
     echo "$SLURM_CONF"
     exit 0
 fi
+
+# Interrupted (Ctrl-C, SIGTERM, hang-up) while starting: stop whatever was started already.
+stop_started() {
+    trap - INT TERM HUP
+    log "interrupted: stopping what was started"
+    bash "$(dirname "${BASH_SOURCE[0]}")/slurm_down.sh" "$STATE_DIR"
+    exit "$1"
+}
+trap 'stop_started 130' INT
+trap 'stop_started 143' TERM
+trap 'stop_started 129' HUP
 
 install_packages
 T0=$(now)
