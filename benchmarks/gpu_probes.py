@@ -466,7 +466,8 @@ def write_report(directory: Path) -> dict[str, Any]:
     report["ok"] = passed and mode != "no GPU"
     report["verdict"] = ("NO GPU: nothing was checked" if mode == "no GPU"
                          else ("passed" if passed else "FAILED (see the steps)")
-                         + (" -- a dry run on the CPU, not a GPU check" if mode != "gpu" else ""))
+                         + (" -- a dry run on the CPU, not a GPU check"
+                            if mode.startswith("dry run") else ""))
     (directory / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (directory / "report.md").write_text(_markdown(report))
     return report
