@@ -7,16 +7,20 @@
 """
 
 from .adjoint import loss_and_grad, loss_grad_sums
+from .files import ProblemFiles
 from .optim import Adam
+from .options import TrainOptions
 from .param import DiagonalParam, ExpParam, SoftplusParam
 from .problem import Problem, demo_problem
 from .train import epoch_batches, fit
 
 # The Dask service is imported on first use, so ``import diagode_dist`` does not load distributed.
-_SERVICE = {"submit", "attach", "fit_distributed", "ProblemFiles", "RunHandle", "connect"}
+_SERVICE = {"submit", "attach", "fit_distributed", "RunHandle", "connect", "open_client",
+            "DaskProblem"}
 
 __all__ = [
-    "Problem", "demo_problem", "SoftplusParam", "ExpParam", "DiagonalParam",
+    "Problem", "demo_problem", "SoftplusParam", "ExpParam", "DiagonalParam", "ProblemFiles",
+    "TrainOptions",
     "loss_and_grad", "loss_grad_sums", "fit", "epoch_batches", "Adam", *sorted(_SERVICE),
 ]
 

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,13 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from diagode_dist.config import (
-    SlurmOptions,
-    TrainConfig,
-    check_slurm_options,
-    load_config,
-    param_map,
-)
+from diagode_dist._io import plain
+from diagode_dist.config import SlurmOptions, TrainConfig, check_slurm_options, load_config
+from diagode_dist.options import DEMO_OPTIONS, add_option_flags, options_from_flags
+from diagode_dist.problem import demo_problem
 from diagode_dist.report import write_outputs
 
 __all__ = ["main"]
@@ -41,8 +39,8 @@ PROG = "diagode-dist"
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
-# The demo problem of the README (DESIGN.md / issue 2): n = 256, S = 64, T = 2, beta = 10.
-DEMO_DEFAULTS = {"n": 256, "S": 64, "epochs": 20, "batch_size": 32, "lr": 0.1, "k": 30, "seed": 0}
+# The demo problem of the README: n = 256, S = 64, T = 2, beta = 10 (training: DEMO_OPTIONS).
+DEMO_PROBLEM = {"n": 256, "S": 64}
 
 # What a user can get wrong: reported as one line, not a traceback.
 _USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
@@ -90,21 +88,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder "
                       "(default: %(default)s)")
-    demo.add_argument("--epochs", type=_positive_int, default=DEMO_DEFAULTS["epochs"])
-    demo.add_argument("--n", type=_positive_int, default=DEMO_DEFAULTS["n"], help="state size")
-    demo.add_argument("--S", type=_positive_int, default=DEMO_DEFAULTS["S"],
-                      help="number of right-hand sides (columns)")
-    demo.add_argument("--batch-size", type=_positive_int, default=DEMO_DEFAULTS["batch_size"])
-    demo.add_argument("--lr", type=_positive_float, default=DEMO_DEFAULTS["lr"])
-    demo.add_argument("--k", type=_positive_int, default=DEMO_DEFAULTS["k"],
-                      help="Krylov dimension")
-    demo.add_argument("--seed", type=_nonnegative_int, default=DEMO_DEFAULTS["seed"])
+    demo.add_argument("--n", type=_positive_int, default=DEMO_PROBLEM["n"],
+                      help="state size (default: %(default)s)")
+    demo.add_argument("--S", type=_positive_int, default=DEMO_PROBLEM["S"],
+                      help="number of right-hand sides (columns) (default: %(default)s)")
     demo.add_argument("--workers", type=_positive_int, default=None,
                       help="number of workers (default: one per GPU, else one per CPU core)")
-    demo.add_argument("--n-shards", type=_positive_int, default=None,
-                      help="column shards (default: one per worker)")
     demo.add_argument("--cpu", action="store_true", help="use CPU workers even if GPUs are visible")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_option_flags(demo, DEMO_OPTIONS)  # --seed also seeds the demo problem
     demo.set_defaults(handler=_cmd_demo)
 
     train = commands.add_parser(
@@ -139,6 +131,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cpu", action="store_true", help="embedded cluster: CPU workers only")
     _add_timeouts(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_option_flags(train)  # each overrides the config's [train] value
     train.set_defaults(handler=_cmd_train)
 
     status = commands.add_parser("status", parents=[common], help="print a run's status (JSON)")
@@ -211,19 +204,22 @@ def _setup_logging(verbose: bool) -> None:
 # ---- commands ---------------------------------------------------------------------------------
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from diagode_dist.problem import demo_problem
+# The Dask service (``diagode_dist.service``) is imported inside the commands that use it, so
+# that --help, usage errors and config errors come back before distributed is loaded.
 
-    if args.n_shards is not None and args.n_shards > args.S:
-        raise ValueError(f"--n-shards {args.n_shards} is more than the S = {args.S} columns")
-    problem = demo_problem(n=args.n, S=args.S, seed=args.seed)
-    options = {"epochs": args.epochs, "lr": args.lr, "k": args.k, "batch_size": args.batch_size,
-               "seed": args.seed, "n_shards": args.n_shards}
-    with _embedded_client(args.workers, args.cpu) as (client, cluster_kind):
-        _print_dashboard(client, cluster_kind)
-        run = _submit(client, problem, np.zeros(problem.n), options)
-        theta, history, status, seconds = _follow(run, args.quiet, client, cluster_kind)
-        summary = _summary("demo", run.run_id, status, seconds, client, cluster_kind, options,
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from diagode_dist.service.session import open_client
+
+    options = options_from_flags(args, DEMO_OPTIONS)
+    if options.n_shards is not None and options.n_shards > args.S:
+        raise ValueError(f"--n-shards {options.n_shards} is more than the S = {args.S} columns")
+    problem = demo_problem(n=args.n, S=args.S, seed=options.seed)
+    with open_client(n_workers=args.workers, gpu=False if args.cpu else "auto") as session:
+        print(session.describe(), flush=True)
+        run = _submit(session.client, problem, np.zeros(problem.n), options)
+        theta, history, status, seconds = _follow(run, args.quiet, session)
+        summary = _summary("demo", run.run_id, status, seconds, session, options.describe(),
                            {"kind": "demo", "n": problem.n, "S": problem.S, "T": problem.T,
                             "beta": problem.beta})
     _write_and_report(args.out, theta, history, summary)
@@ -232,6 +228,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)  # config errors first, before anything is imported
+    options = options_from_flags(args, config.train)
     slurm = _slurm_options(args, config)
     if args.detach and not (args.scheduler or args.scheduler_file):
         raise ValueError("--detach needs --scheduler or --scheduler-file (a cluster started "
@@ -240,48 +237,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
     spec = config.problem
     files = spec.files()
     files.validate()  # FileNotFoundError / ValueError before any cluster is contacted
-    n = files.n
-    options = config.train.submit_options()
-    if options["n_shards"] is not None and options["n_shards"] > files.S:
-        raise ValueError(f"[train] n_shards = {options['n_shards']} is more than the "
+    if options.n_shards is not None and options.n_shards > files.S:
+        raise ValueError(f"[train] n_shards = {options.n_shards} is more than the "
                          f"S = {files.S} columns of F")
-    with _client_for(args, slurm, out_dir / "slurm-logs", need_workers=True) as (
-            client, cluster_kind):
-        _print_dashboard(client, cluster_kind)
-        run = _submit(client, files, np.zeros(n), options, checkpoint_dir=out_dir / "checkpoints",
-                      resume=args.resume)
+    with _open(args, slurm, out_dir / "slurm-logs", min_workers=1) as session:
+        print(session.describe(), flush=True)
+        run = _submit(session.client, files, np.zeros(files.n), options,
+                      checkpoint_dir=out_dir / "checkpoints", resume=args.resume)
         if args.detach:
             _print_detached(run.run_id, args)
             return 0
-        theta, history, status, seconds = _follow(run, args.quiet, client, cluster_kind,
-                                                  args)
-        problem_info = {"kind": "files", "n": n, "S": files.S, "T": spec.T, "beta": spec.beta,
-                        "A0": spec.A0, "F": spec.F, "labels": spec.labels, "x0": spec.x0,
-                        "config": args.config.resolve()}
-        summary = _summary("train", run.run_id, status, seconds, client, cluster_kind, options,
+        theta, history, status, seconds = _follow(run, args.quiet, session, args)
+        problem_info = {"kind": "files", "n": files.n, "S": files.S, "T": spec.T,
+                        "beta": spec.beta, "A0": spec.A0, "F": spec.F, "labels": spec.labels,
+                        "x0": spec.x0, "config": args.config.resolve()}
+        summary = _summary("train", run.run_id, status, seconds, session, options.describe(),
                            problem_info)
     _write_and_report(out_dir, theta, history, summary)
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    with _client_for(args, None) as (client, _kind):
-        status = _attach(client, args.run_id).status()
-    print(json.dumps(_plain(status), indent=2, sort_keys=True))
+    from diagode_dist.service.client import attach
+
+    with _open(args, None) as session:
+        status = attach(session.client, args.run_id).status()
+    print(json.dumps(plain(status), indent=2, sort_keys=True))
     return 0
 
 
 def _cmd_result(args: argparse.Namespace) -> int:
-    with _client_for(args, None) as (client, cluster_kind):
-        run = _attach(client, args.run_id)
+    from diagode_dist.service.client import attach
+
+    with _open(args, None) as session:
+        run = attach(session.client, args.run_id)
         status = run.status()
         if status["status"] == "running" and not args.wait:
             raise RuntimeError(f"run {args.run_id} is still running (step {status['step']}/"
                                f"{status['n_steps']}); use --wait to wait for it")
         if status["status"] == "failed":
             raise RuntimeError(f"run {args.run_id} failed: {status.get('error')}")
-        theta, history, status, seconds = _follow(run, args.quiet, client, cluster_kind, args)
-        summary = _summary("result", run.run_id, status, None, client, cluster_kind, {}, {})
+        theta, history, status, seconds = _follow(run, args.quiet, session, args)
+        summary = _summary("result", run.run_id, status, None, session, {}, {})
     _write_and_report(args.out, theta, history, summary)
     return 0
 
@@ -289,101 +286,20 @@ def _cmd_result(args: argparse.Namespace) -> int:
 # ---- clusters and clients ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _client_for(args: argparse.Namespace, slurm: SlurmOptions | None,
-                slurm_logs: Path | None = None,
-                need_workers: bool = False) -> Iterator[tuple[Any, str]]:
-    """A Client to the scheduler the arguments name, or to a cluster started here (closed after).
+def _open(args: argparse.Namespace, slurm: SlurmOptions | None, slurm_logs: Path | None = None,
+          min_workers: int = 0):
+    """``open_client`` for the scheduler, SLURM or embedded-cluster flags of a command."""
+    from diagode_dist.service.session import open_client
 
-    slurm_logs: folder for the SLURM jobs' output files (default: SLURM's, the current folder).
-    need_workers: on a running scheduler, wait (--worker-timeout) for at least one worker.
-    """
     if args.scheduler or args.scheduler_file:
-        client = _connect(args.scheduler, args.scheduler_file, args.connect_timeout)
-        with client:
-            if need_workers:
-                _wait_for_workers(client, 1, args.worker_timeout)
-            yield client, "external"
-    elif slurm is not None:
-        with _slurm_client(slurm, args.worker_timeout, slurm_logs) as client:
-            yield client, "slurm"
-    else:
-        with _embedded_client(args.workers, args.cpu) as pair:
-            yield pair
-
-
-@contextlib.contextmanager
-def _embedded_client(n_workers: int | None, cpu_only: bool) -> Iterator[tuple[Any, str]]:
-    from distributed import Client
-
-    from diagode_dist.service.cluster import local_cluster
-
-    gpu = False if cpu_only else "auto"
-    with local_cluster(n_workers=n_workers, gpu=gpu) as cluster, Client(cluster) as client:
-        yield client, type(cluster).__name__
-        _let_tasks_finish(client)
-
-
-@contextlib.contextmanager
-def _slurm_client(slurm: SlurmOptions, worker_timeout: float,
-                  log_directory: Path | None) -> Iterator[Any]:
-    from distributed import Client
-
-    from diagode_dist.service.cluster import slurm_cluster
-
-    options = asdict(slurm)
-    if log_directory is not None:
-        options["log_directory"] = str(log_directory)
-    with slurm_cluster(**options) as cluster, Client(cluster) as client:
-        where = f"; the jobs' logs are in {log_directory}" if log_directory else ""
-        _wait_for_workers(client, slurm.n_workers, worker_timeout, where)
-        yield client
-        _let_tasks_finish(client)
-
-
-def _let_tasks_finish(client, timeout: float = 10.0) -> None:
-    """Before closing a cluster started here, let the shard tasks of the finished run exit.
-
-    They return a moment after the server reports the run finished; closing the cluster under
-    them cancels them and Dask logs a warning per task, which looks like a failure.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.run_on_scheduler(_count_tasks) == 0:
-            return
-        time.sleep(0.05)
-
-
-def _count_tasks(dask_scheduler) -> int:
-    return len(dask_scheduler.tasks)
-
-
-def _connect(address: str | None, scheduler_file: Path | None, timeout: float):
-    """Client to a running scheduler; ConnectionError naming it if unreachable within timeout."""
-    from diagode_dist.service.client import connect
-
-    if scheduler_file is not None:
-        _wait_for_file(scheduler_file, timeout)
-    return connect(address=address, scheduler_file=scheduler_file, timeout=timeout)
-
-
-def _wait_for_file(path: Path, timeout: float) -> None:
-    # A scheduler started in the background (sbatch scripts) writes its file a moment later.
-    deadline = time.monotonic() + timeout
-    while not path.is_file():
-        if time.monotonic() > deadline:
-            raise FileNotFoundError(f"--scheduler-file: {path} does not exist "
-                                    f"(waited {timeout:g} s)")
-        time.sleep(0.1)
-
-
-def _wait_for_workers(client, count: int, timeout: float, hint: str = "") -> None:
-    try:
-        client.wait_for_workers(count, timeout=timeout)
-    except TimeoutError:
-        raise TimeoutError(f"fewer than {count} Dask worker(s) joined the scheduler "
-                           f"{client.scheduler.address} within {timeout:g} s "
-                           f"(--worker-timeout){hint}") from None
+        return open_client(args.scheduler, args.scheduler_file,
+                           connect_timeout=args.connect_timeout,
+                           worker_timeout=getattr(args, "worker_timeout", 300.0),
+                           min_workers=min_workers)
+    if slurm is not None:
+        return open_client(slurm=slurm, worker_timeout=args.worker_timeout,
+                           slurm_logs=slurm_logs)
+    return open_client(n_workers=args.workers, gpu=False if args.cpu else "auto")
 
 
 def _slurm_options(args: argparse.Namespace, config: TrainConfig) -> SlurmOptions | None:
@@ -411,12 +327,6 @@ def _scheduler_flag(args: argparse.Namespace) -> str:
     return f"--scheduler-file {args.scheduler_file}"
 
 
-def _print_dashboard(client, cluster_kind: str) -> None:
-    workers = len(client.scheduler_info().get("workers", {}))
-    print(f"cluster: {cluster_kind}, {workers} worker(s), scheduler {client.scheduler.address}")
-    print(f"dashboard: {client.dashboard_link}", flush=True)
-
-
 def _print_detached(run_id: str, args: argparse.Namespace) -> None:
     flag = _scheduler_flag(args)
     print(f"run id: {run_id}")
@@ -427,19 +337,14 @@ def _print_detached(run_id: str, args: argparse.Namespace) -> None:
 # ---- running ----------------------------------------------------------------------------------
 
 
-def _submit(client, problem, theta0: np.ndarray, options: dict[str, Any], **extra):
+def _submit(client, problem, theta0: np.ndarray, options, **extra):
     from diagode_dist.service.client import submit
 
-    kwargs = dict(options)
-    param = param_map(kwargs.pop("param", "softplus"))
-    return submit(client, problem, theta0, param=param, **kwargs, **extra)
+    return submit(client, problem, theta0, options=options, **extra)
 
 
 def _training_page(client) -> str | None:
     """URL of the service's training page on the dashboard, if the scheduler serves one."""
-    import urllib.error
-    import urllib.request
-
     link = client.dashboard_link or ""
     if not link.endswith("/status"):
         return None
@@ -450,12 +355,6 @@ def _training_page(client) -> str | None:
             return url if response.status == 200 else None
     except (OSError, ValueError):  # no such route (404), no dashboard, unreachable host
         return None
-
-
-def _attach(client, run_id: str):
-    from diagode_dist.service.client import attach
-
-    return attach(client, run_id)
 
 
 @dataclass
@@ -494,24 +393,26 @@ class _ProgressBar:
             self.bar.close()
 
 
-def _follow(run, quiet: bool, client, cluster_kind: str, args: argparse.Namespace | None = None):
+def _follow(run, quiet: bool, session, args: argparse.Namespace | None = None):
     """Print the run's id and _wait for it. On Ctrl-C: stop a run on a cluster started here, or
     say how to follow a run that goes on on a running scheduler; then KeyboardInterrupt."""
     with _deferred_interrupt() as interrupted:
         try:
             print(f"run id: {run.run_id}", flush=True)
-            page = _training_page(client)
+            page = _training_page(session.client)
             if page is not None:
                 print(f"training page: {page}", flush=True)
             return _wait(run, quiet, interrupted)
         except KeyboardInterrupt:
-            if cluster_kind == "external":
+            if session.external:
                 print(f"{PROG}: run {run.run_id} goes on on the scheduler; follow it with "
                       f"`{PROG} status {run.run_id} {_scheduler_flag(args)}`", file=sys.stderr)
             else:  # the cluster closes with this command: end the run first, quietly
                 with contextlib.suppress(Exception):
                     run.cancel("interrupted (Ctrl-C) by the user")
-                _let_tasks_finish(client, timeout=5.0)
+                from diagode_dist.service.session import let_tasks_finish
+
+                let_tasks_finish(session.client, timeout=5.0)
             raise
 
 
@@ -560,8 +461,8 @@ def _deferred_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _summary(command: str, run_id: str, status: dict[str, Any], seconds: float | None, client,
-             cluster_kind: str, options: dict[str, Any], problem: dict[str, Any]) -> dict:
+def _summary(command: str, run_id: str, status: dict[str, Any], seconds: float | None, session,
+             options: dict[str, Any], problem: dict[str, Any]) -> dict:
     history = list(status.get("history") or [])
     summary = {
         "command": command,
@@ -573,26 +474,13 @@ def _summary(command: str, run_id: str, status: dict[str, Any], seconds: float |
         "final_loss": history[-1] if history else None,
         "steps_per_s": status.get("steps_per_s"),
         "wall_time_s": seconds,
-        "cluster": cluster_kind,
-        "n_workers": len(client.scheduler_info().get("workers", {})),
-        "dashboard": client.dashboard_link,
+        "cluster": session.kind,
+        "n_workers": session.n_workers,
+        "dashboard": session.client.dashboard_link,
         "options": {key: value for key, value in options.items() if value is not None},
         "problem": problem,
     }
-    return _plain(summary)
-
-
-def _plain(value: Any) -> Any:
-    """Paths to strings and NumPy scalars to Python numbers, for JSON output."""
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+    return plain(summary)
 
 
 def _write_and_report(out_dir: Path, theta: np.ndarray, history: list[float],

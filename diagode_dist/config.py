@@ -4,17 +4,18 @@ A configuration names a problem stored in files, the training options and where 
 
     [problem]            # paths are relative to this file
     A0 = "A0.npz"        # .npy (dense), .npz (scipy.sparse.save_npz) or .mtx (Matrix Market)
-    F = "F.npy"          # (n, S) right-hand sides
-    labels = "labels.npy"  # (S,) integer class of each column, in [0, n)
+    F = "F.npy"          # (n, S) right-hand sides: .npy, or .zarr (chunked by columns)
+    labels = "labels.npy"  # (S,) integer class of each column, in [0, n) (.npy or .zarr)
     T = 2.0              # final time
     beta = 10.0          # softmax inverse temperature
-    # x0 = "x0.npy"      # optional (n, S) initial states (default zero)
+    # x0 = "x0.npy"      # optional (n, S) initial states (default zero; .npy or .zarr)
 
-    [train]
+    [train]              # any field of diagode_dist.options.TrainOptions; the rest default
     epochs = 20
     lr = 0.05
-    # optional: k = 30, batch_size = 32, weight_decay = 0.0, clamp = [-50.0, 50.0], seed = 0,
-    # n_shards = <number of workers>, rtol = 1e-12, checkpoint_every = 10, step_timeout = 300.0,
+    # k = 30, batch_size = 32, weight_decay = 0.0, clamp = [-50.0, 50.0], seed = 0,
+    # rtol = 1e-12, max_chunk_columns, log_every = 0, n_shards = <number of workers>,
+    # checkpoint_every = 10, step_timeout = 300.0,
     # param = "softplus" (d = -softplus(theta)) or "exp" (d = -exp(theta))
 
     [output]
@@ -26,16 +27,20 @@ A configuration names a problem stored in files, the training options and where 
     # interface, local_directory, processes (worker processes per CPU job; default 1)
 
 Everything is checked by :func:`load_config` before any cluster is contacted: unknown or missing
-keys and wrong types raise ``ValueError``/``TypeError`` naming the key (``[train] lr``), and a
-problem file that does not exist raises ``FileNotFoundError`` naming the path.
+keys, wrong types and values out of range raise ``ValueError``/``TypeError`` naming the key
+(``[train] lr``); the ``[train]`` keys and their checks are ``TrainOptions``'s own. A problem
+file that does not exist raises ``FileNotFoundError`` naming the path.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from diagode_dist.files import ProblemFiles
+from diagode_dist.options import TrainOptions, option_fields
 
 try:  # Python >= 3.11
     import tomllib
@@ -52,8 +57,6 @@ __all__ = [
     "parse_config",
 ]
 
-PARAMS = ("softplus", "exp")
-
 
 @dataclass(frozen=True)
 class ProblemSpec:
@@ -66,43 +69,9 @@ class ProblemSpec:
     beta: float
     x0: Path | None = None
 
-    def files(self):
-        """The problem as ``diagode_dist.service.files.ProblemFiles`` (not loaded)."""
-        from diagode_dist.service.files import ProblemFiles
-
+    def files(self) -> ProblemFiles:
+        """The problem as ``ProblemFiles`` (nothing read yet)."""
         return ProblemFiles(self.A0, self.F, self.labels, T=self.T, beta=self.beta, x0=self.x0)
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Training options, passed on to ``diagode_dist.service.client.submit``."""
-
-    epochs: int
-    lr: float
-    k: int = 30
-    batch_size: int = 32
-    weight_decay: float = 0.0
-    clamp: tuple[float, float] = (-50.0, 50.0)
-    seed: int = 0
-    n_shards: int | None = None  # None: one shard per worker
-    rtol: float = 1e-12
-    checkpoint_every: int = 10  # steps between checkpoints
-    step_timeout: float = 300.0  # seconds a step may take before the run fails
-    param: str = "softplus"
-
-    def submit_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``submit``/``fit_distributed``; ``param`` stays its name (see
-        ``param_map``) so that the options can be written to JSON."""
-        options = asdict(self)
-        options["clamp"] = tuple(options["clamp"])
-        return options
-
-
-def param_map(name: str):
-    """The diagonal map object for a config's ``param`` name."""
-    from diagode_dist.param import ExpParam, SoftplusParam
-
-    return {"softplus": SoftplusParam, "exp": ExpParam}[name]()
 
 
 @dataclass(frozen=True)
@@ -150,20 +119,7 @@ _PROBLEM_KEYS = {
     "beta": ("finite_float", True),
     "x0": ("path", False),
 }
-_TRAIN_KEYS = {
-    "epochs": ("positive_int", True),
-    "lr": ("positive_float", True),
-    "k": ("positive_int", False),
-    "batch_size": ("positive_int", False),
-    "weight_decay": ("nonnegative_float", False),
-    "clamp": ("interval", False),
-    "seed": ("nonnegative_int", False),
-    "n_shards": ("positive_int", False),
-    "rtol": ("positive_float", False),
-    "checkpoint_every": ("positive_int", False),
-    "step_timeout": ("positive_float", False),
-    "param": ("param", False),
-}
+_TRAIN_KEYS = {spec.name: ("option", False) for spec in option_fields()}  # TrainOptions
 _OUTPUT_KEYS = {"dir": ("str", False)}
 _SLURM_KEYS = {
     "jobs": ("positive_int", True),
@@ -176,7 +132,7 @@ _SLURM_KEYS = {
     "local_directory": ("str", False),
     "processes": ("positive_int", False),
 }
-_SECTIONS = {"problem": True, "train": True, "output": False, "slurm": False}
+_SECTIONS = {"problem": True, "train": False, "output": False, "slurm": False}
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -211,20 +167,22 @@ def parse_config(
             raise TypeError(f"{where}[{name}] must be a table, got {type(table).__name__}")
     base_dir = Path(base_dir)
     problem = _section(sections["problem"], _PROBLEM_KEYS, "problem", where)
-    train = _section(sections["train"], _TRAIN_KEYS, "train", where)
     output = _section(sections["output"], _OUTPUT_KEYS, "output", where)
     for key, (kind, _required) in _PROBLEM_KEYS.items():
         if kind == "path" and key in problem:
             problem[key] = _resolve(problem[key], base_dir)
     problem_spec = ProblemSpec(**problem)
-    _check_files_exist(problem_spec)
+    try:
+        problem_spec.files().check_exist()
+    except (OSError, ValueError, TypeError) as err:
+        raise type(err)(f"{where}[problem] {err}") from None
     slurm = None
     if "slurm" in data:
         slurm = SlurmOptions(**_section(sections["slurm"], _SLURM_KEYS, "slurm", where))
     output_dir = _resolve(output["dir"], base_dir) if "dir" in output else Path("diagode-out")
     return TrainConfig(
         problem=problem_spec,
-        train=TrainOptions(**train),
+        train=_train_options(sections["train"], where),
         output_dir=output_dir,
         slurm=slurm,
         source=source,
@@ -235,6 +193,15 @@ def check_slurm_options(options: dict[str, Any], where: str = "") -> SlurmOption
     """Validate SLURM options given as a dict (for example from command-line flags)."""
     clean = {key: value for key, value in options.items() if value is not None}
     return SlurmOptions(**_section(clean, _SLURM_KEYS, "slurm", where))
+
+
+def _train_options(table: dict[str, Any], where: str) -> TrainOptions:
+    """The [train] table as TrainOptions: its keys are the fields, its checks the dataclass's."""
+    _check_keys(table, _TRAIN_KEYS, where, "train")
+    try:
+        return TrainOptions(**table)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}[train] {err}") from None
 
 
 def _section(
@@ -270,11 +237,9 @@ def _check_keys(
 
 def _check_value(value: Any, kind: str, name: str) -> Any:
     """Return the value cleaned for its kind, or raise TypeError/ValueError naming it."""
-    if kind in ("path", "str", "param"):
+    if kind in ("path", "str"):
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}")
-        if kind == "param" and value not in PARAMS:
-            raise ValueError(f"{name} must be one of {', '.join(PARAMS)}, got {value!r}")
         if not value:
             raise ValueError(f"{name} must not be empty")
         return value
@@ -292,13 +257,6 @@ def _check_value(value: Any, kind: str, name: str) -> Any:
         if kind == "nonnegative_float" and not number >= 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
         return number
-    if kind == "interval":
-        if not isinstance(value, list) or len(value) != 2:
-            raise TypeError(f"{name} must be a list [low, high], got {value!r}")
-        low, high = (_as_float(item, name) for item in value)
-        if not low < high:
-            raise ValueError(f"{name} must have low < high, got {value!r}")
-        return (low, high)
     raise AssertionError(f"unknown kind {kind}")  # a bug in the tables above
 
 
@@ -314,10 +272,3 @@ def _as_float(value: Any, name: str) -> float:
 def _resolve(value: str, base_dir: Path) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else base_dir / path
-
-
-def _check_files_exist(problem: ProblemSpec) -> None:
-    for key in ("A0", "F", "labels", "x0"):
-        path = getattr(problem, key)
-        if path is not None and not path.is_file():
-            raise FileNotFoundError(f"[problem] {key}: file not found: {path}")

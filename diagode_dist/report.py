@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from diagode_dist._io import atomic_write, plain
 
 __all__ = ["write_outputs"]
 
@@ -41,7 +42,10 @@ def write_outputs(
     history = _history_floats(history)
     if not isinstance(summary, Mapping):
         raise TypeError(f"summary must be a mapping, got {type(summary).__name__}")
-    summary_text = json.dumps(_jsonable(dict(summary)), indent=2, sort_keys=True, allow_nan=True)
+    try:
+        summary_text = json.dumps(plain(dict(summary)), indent=2, sort_keys=True, allow_nan=True)
+    except TypeError as err:
+        raise TypeError(f"summary: {err}") from None
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir exists and is not a folder: {out_dir}")
@@ -52,10 +56,10 @@ def write_outputs(
         "plot": out_dir / PLOT_FILE,
         "summary": out_dir / SUMMARY_FILE,
     }
-    _atomic_write(paths["theta"], lambda stream: np.save(stream, theta))
-    _atomic_write(paths["history"], lambda stream: _write_history(stream, history), text=True)
-    _atomic_write(paths["plot"], lambda stream: _plot_history(stream, history))
-    _atomic_write(paths["summary"], lambda stream: stream.write(summary_text + "\n"), text=True)
+    atomic_write(paths["theta"], lambda stream: np.save(stream, theta))
+    atomic_write(paths["history"], lambda stream: _write_history(stream, history), text=True)
+    atomic_write(paths["plot"], lambda stream: _plot_history(stream, history))
+    atomic_write(paths["summary"], lambda stream: stream.write(summary_text + "\n"), text=True)
     return paths
 
 
@@ -106,33 +110,6 @@ def _plot_history(stream, history: list[float]) -> None:
     axes.grid(True, alpha=0.3)
     figure.tight_layout()
     figure.savefig(stream, format="png")
-
-
-def _jsonable(value: Any) -> Any:
-    """Convert NumPy scalars/arrays, tuples and paths into plain JSON types."""
-    if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"summary value {value!r} of type {type(value).__name__} is not JSON-able")
-
-
-def _atomic_write(path: Path, write, text: bool = False) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w" if text else "wb", **({"newline": ""} if text else {})) as stream:
-            write(stream)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def write_and_announce(out_dir: str | Path, theta: Any, history: Sequence[float],

@@ -6,17 +6,18 @@ visit the same columns in the same order for the same seed.
 
 from __future__ import annotations
 
+import logging
 import math
-import numbers
 from collections.abc import Callable
 
 import numpy as np
 
-from ._checks import check_int
-from .adjoint import DEFAULT_RTOL, check_inputs, loss_grad_sums
+from .adjoint import check_inputs, loss_grad_sums
 from .optim import Adam
-from .param import SoftplusParam
+from .options import TrainOptions, takes_options, with_options
 from .problem import Problem
+
+logger = logging.getLogger(__name__)
 
 
 def epoch_batches(n_columns: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -35,22 +36,22 @@ def steps_per_epoch(n_columns: int, batch_size: int) -> int:
     return math.ceil(n_columns / batch_size)
 
 
-def fit(prob: Problem, theta0, param=None, epochs: int = 20, lr: float = 1e-3, k: int = 30,
-        batch_size: int = 32, weight_decay: float = 0.0,
-        clamp: tuple[float, float] | None = (-50.0, 50.0), seed: int = 0,
-        callback: Callable | None = None, rtol: float = DEFAULT_RTOL,
-        max_chunk_columns: int | None = None, return_info: bool = False):
+@takes_options(service=False)
+def fit(prob: Problem, theta0, param=None, *, options: TrainOptions | None = None,
+        callback: Callable | None = None, return_info: bool = False, **kwargs):
     """Train theta with Adam on minibatches of columns.
 
     Parameters
     ----------
     prob : Problem
     theta0 : (n,) float array (NumPy or CuPy); not modified
-    param : diagonal map (default ``SoftplusParam()``)
-    epochs, batch_size : passes over the columns, columns per step
-    lr, weight_decay, clamp : Adam settings (see ``diagode_dist.optim.Adam``)
-    k, rtol, max_chunk_columns : gradient settings (see ``loss_and_grad``)
-    seed : minibatch permutation seed; the same seed gives the same result bit for bit
+    param : diagonal map (default: ``options.param``, i.e. ``SoftplusParam()``)
+    options : ``TrainOptions``; keyword arguments (``epochs=``, ``lr=``, ``k=``,
+        ``batch_size=``, ``weight_decay=``, ``clamp=``, ``seed=``, ``rtol=``,
+        ``max_chunk_columns=``, ``log_every=``) replace its fields (see
+        ``diagode_dist.options.TrainOptions`` for their meaning and defaults). The same seed
+        gives the same result bit for bit; the Dask-only fields of an options object
+        (n_shards, checkpoint_every, step_timeout) are ignored here.
     callback : ``callback(epoch, mean_loss, theta)`` after every epoch (epoch counts from 0,
         as in ``epoch_batches``)
     return_info : also return a per-epoch log of the gradient's accuracy: lists
@@ -64,26 +65,29 @@ def fit(prob: Problem, theta0, param=None, epochs: int = 20, lr: float = 1e-3, k
         epoch, as each step's loss is taken before its update)
     info : dict of per-epoch lists, only with ``return_info=True``
     """
-    param = SoftplusParam() if param is None else param
-    check_int(epochs, "epochs", 1)
-    check_int(batch_size, "batch_size", 1)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if param is not None:
+        kwargs["param"] = param
+    opts = with_options("fit", options, kwargs, service=False)
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable(epoch, loss, theta)")
-    adam = Adam(lr=lr, weight_decay=weight_decay, clamp=clamp)
-    check_inputs(prob, theta0, param, k, rtol, max_chunk_columns)
+    param = opts.diagonal_map()
+    adam = Adam(lr=opts.lr, weight_decay=opts.weight_decay, clamp=opts.clamp)
+    check_inputs(prob, theta0, param, opts.k, opts.rtol, opts.max_chunk_columns)
     theta = theta0
     state = adam.init(theta0)
     history, log = [], {"error_estimate": [], "substeps": [], "rtol_met": []}
-    for epoch in range(epochs):
+    step = 0
+    for epoch in range(opts.epochs):
         epoch_loss, infos = 0.0, []
-        for batch in epoch_batches(prob.S, batch_size, seed, epoch):
+        for batch in epoch_batches(prob.S, opts.batch_size, opts.seed, epoch):
             loss_sum, grad_sum, count, info = loss_grad_sums(
-                prob, theta, param, batch, k, rtol, max_chunk_columns)
+                prob, theta, param, batch, opts.k, opts.rtol, opts.max_chunk_columns)
             epoch_loss += loss_sum
             infos.append(info)
             theta, state = adam.step(theta, grad_sum / count, state)
+            step += 1
+            if opts.log_every and step % opts.log_every == 0:
+                logger.info("step %d (epoch %d): mean loss %.6g", step, epoch, loss_sum / count)
         history.append(epoch_loss / prob.S)
         log["error_estimate"].append(max(i["error_estimate"] for i in infos))
         log["substeps"].append(max(i["substeps"] for i in infos))

@@ -46,3 +46,30 @@ def dense(A0) -> np.ndarray:
 def small_arrays():
     """n = 10, S = 6, A0 scale 0.3 (large enough to expose a wrong-sign adjoint)."""
     return random_arrays(10, 6, scale=0.3, seed=11)
+
+
+# ---- Dask: one LocalCluster of worker processes per test module ------------------------------
+# A module may set DASK_CONFIG = {...} (e.g. {"distributed.scheduler.allowed-failures": 1}) for
+# the cluster its tests share.
+
+
+@pytest.fixture(scope="module")
+def cluster(request):
+    """A LocalCluster of 2 single-thread worker processes, its dashboard on a free port."""
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set(getattr(request.module, "DASK_CONFIG", {})), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                         dashboard_address=":0") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def client(cluster):
+    """A Client of the module's cluster, once both workers are up."""
+    from distributed import Client
+
+    with Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        yield client

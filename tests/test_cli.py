@@ -156,7 +156,7 @@ def test_usage_error_exits_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["demo", "--epochs", "0"])
     assert info.value.code == 2
-    assert "--epochs: expected an integer >= 1" in capsys.readouterr().err
+    assert "--epochs: epochs must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_train_config_errors_are_one_line(tmp_path, capsys):
@@ -171,7 +171,7 @@ def test_train_config_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "labels.npy").unlink()
     config = _write_config(tmp_path)
     line = _one_line_error(capsys, ["train", str(config)])
-    assert "[problem] labels: file not found" in line and str(tmp_path / "labels.npy") in line
+    assert "[problem] labels: no such file" in line and str(tmp_path / "labels.npy") in line
 
     assert "config file not found" in _one_line_error(capsys, ["train", "nope.toml"])
 
@@ -206,7 +206,7 @@ def test_missing_scheduler_file(tmp_path, capsys):
     path = tmp_path / "scheduler.json"
     line = _one_line_error(capsys, ["result", "r", "--scheduler-file", str(path),
                                     "--connect-timeout", "0.3"])
-    assert f"--scheduler-file: {path} does not exist" in line
+    assert f"scheduler_file: {path} does not exist" in line
 
 
 def test_option_combinations(tmp_path, capsys):

@@ -113,7 +113,9 @@ interface = "ib0"
     [
         (("[train]", "[train]\nlearn_rate = 1"), ValueError, "unknown key [train] learn_rate"),
         (("[train]", "[trian]\nx = 1\n[train]"), ValueError, "unknown section trian"),
-        (("epochs = 3\n", ""), ValueError, "missing required key [train] epochs"),
+        (("epochs = 3", "rtol = 5.0"), ValueError, "[train] rtol must be a number in (0, 1)"),
+        (("epochs = 3", "log_every = -1"), ValueError, "[train] log_every must be >= 0"),
+        (("epochs = 3", "n_shards = 0"), ValueError, "[train] n_shards must be >= 1"),
         (('labels = "labels.npy"\n', ""), ValueError, "missing required key [problem] labels"),
         (("T = 2\n", ""), ValueError, "[problem] T"),
         (("epochs = 3", 'epochs = "3"'), TypeError, "[train] epochs must be an integer"),
@@ -155,7 +157,7 @@ def test_section_of_wrong_type(problem_dir):
 
 def test_missing_problem_file_names_the_path(problem_dir):
     (problem_dir / "data" / "F.npy").unlink()
-    with pytest.raises(FileNotFoundError, match=r"\[problem\] F: file not found: .*data/F\.npy"):
+    with pytest.raises(FileNotFoundError, match=r"\[problem\] F: no such file: .*data/F\.npy"):
         load_config(_write(problem_dir, MINIMAL))
 
 
@@ -181,3 +183,31 @@ def test_slurm_options_from_flags():
         check_slurm_options({"queue": "debug"})
     with pytest.raises(ValueError, match=r"\[slurm\] cores must be >= 1"):
         check_slurm_options({"jobs": 1, "cores": 0})
+
+
+def test_train_keys_are_the_fields_of_train_options(problem_dir):
+    """Every TrainOptions field is a [train] key with the dataclass's default and check."""
+    from dataclasses import fields
+
+    assert load_config(_write(problem_dir, MINIMAL.split("[train]")[0])).train == TrainOptions()
+    defaults = TrainOptions()
+    lines = []
+    for spec in fields(TrainOptions):
+        value = getattr(defaults, spec.name)
+        if value is None:
+            continue  # TOML has no null: absent means the default
+        text = f'"{value}"' if isinstance(value, str) else str(list(value)) \
+            if isinstance(value, tuple) else repr(value)
+        lines.append(f"{spec.name} = {text}")
+    text = MINIMAL.split("[train]")[0] + "[train]\n" + "\n".join(lines) + "\n"
+    assert load_config(_write(problem_dir, text)).train == defaults
+
+
+def test_zarr_column_files_are_folders(problem_dir):
+    (problem_dir / "F.zarr").mkdir()
+    config = load_config(_write(problem_dir, MINIMAL.replace('"data/F.npy"', '"F.zarr"')))
+    assert config.problem.F == problem_dir / "F.zarr"
+    with pytest.raises(FileNotFoundError, match=r"\[problem\] labels: no such file: .*l\.zarr"):
+        load_config(_write(problem_dir, MINIMAL.replace('"labels.npy"', '"l.zarr"')))
+    with pytest.raises(ValueError, match=r"\[problem\] F: .*must end in \.npy / \.zarr"):
+        load_config(_write(problem_dir, MINIMAL.replace('"data/F.npy"', '"F.h5"')))

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 import diagode_dist as dd
 from diagode_dist.service.client import submit
-from diagode_dist.service.dashboard import DashboardPlugin, _route_prefix, install, render_page
+from diagode_dist.service.dashboard import _route_prefix, install
+from diagode_dist.service.page import render_page
+from diagode_dist.service.plugin import install as install_service
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM_INSTALL = REPO / "tests" / "infra" / "chromium_install.sh"
@@ -39,13 +41,12 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore
 # ---- fixtures ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def service():
+def service(cluster):
     """(client, base URL of the dashboard, finished RunHandle, running RunHandle)."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    with Client(cluster) as client:
         link = urllib.parse.urlsplit(client.dashboard_link)  # port 0: read the real one
         base = f"{link.scheme}://{link.netloc}"
-        client.register_plugin(DashboardPlugin())
+        install_service(client)
         finished = submit(client, dd.demo_problem(n=32, S=16, seed=1), np.zeros(32),
                           n_shards=2, epochs=3, batch_size=8, lr=0.05, k=12,
                           run_id="dash-finished")
@@ -159,7 +160,7 @@ def test_metrics_gauges_of_a_running_run(service):
 
 def test_installing_twice_registers_routes_and_gauges_once(service):
     client, base, _, _ = service
-    client.register_plugin(DashboardPlugin())
+    install_service(client)
     assert client.run_on_scheduler(_install_twice) == ["/diagode", "/diagode"]
     text = _get(base + "/metrics").decode()
     assert text.count("# TYPE diagode_step gauge") == 1
@@ -252,6 +253,7 @@ class _Fields(HTMLParser):
             self._field = None
 
 
+@pytest.mark.browser
 def test_page_in_headless_chromium_shows_step_and_loss(service, chromium):
     _, base, finished, running = service
     before = running.status()
@@ -278,6 +280,7 @@ def test_page_in_headless_chromium_shows_step_and_loss(service, chromium):
     assert "<polyline" in dom  # the loss curve was drawn
 
 
+@pytest.mark.browser
 def test_page_screenshot_is_not_blank(service, chromium, tmp_path):
     _, base, _, _ = service
     shot = tmp_path / "dashboard.png"

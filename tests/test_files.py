@@ -8,7 +8,7 @@ import scipy.io
 import scipy.sparse as sp
 
 import diagode_dist as dd
-from diagode_dist.service.files import ProblemFiles
+from diagode_dist.files import ProblemFiles
 
 N, S = 12, 9
 

@@ -16,8 +16,8 @@ from distributed import Client, LocalCluster
 
 import diagode_dist as dd
 from diagode_dist._array import gpu_available
+from diagode_dist.files import ProblemFiles
 from diagode_dist.service import (
-    ProblemFiles,
     attach,
     connect,
     fit_distributed,
@@ -28,19 +28,6 @@ from diagode_dist.service.checkpoint import checkpoint_path, load_checkpoint, sa
 from diagode_dist.service.shard import shard_columns
 
 TRAIN = {"epochs": 3, "lr": 2e-2, "batch_size": 8, "seed": 5}
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def client(cluster):
-    with Client(cluster) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +301,7 @@ def test_connect_reaches_a_running_scheduler(cluster):
 
 def test_preload_installs_the_parameter_server():
     with LocalCluster(n_workers=0, processes=False, dashboard_address=":0",
-                      scheduler_kwargs={"preload": ["diagode_dist.service.server"]}) as cluster, \
+                      scheduler_kwargs={"preload": ["diagode_dist.service.plugin"]}) as cluster, \
             Client(cluster) as client:
         handlers = client.run_on_scheduler(
             lambda dask_scheduler: sorted(h for h in dask_scheduler.handlers

@@ -11,35 +11,23 @@ import math
 import os
 import signal
 import time
+import urllib.request
 
-import dask
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 from distributed.protocol.serialize import ToPickle
 
 import diagode_dist as dd
 from diagode_dist.optim import Adam
+from diagode_dist.options import TrainOptions
 from diagode_dist.service import submit
 from diagode_dist.service.client import _call
-from diagode_dist.service.server import ParameterServer, shard_key
+from diagode_dist.service.plugin import install
+from diagode_dist.service.protocol import RunSpec, shard_key
 
 TRAIN = {"epochs": 30, "lr": 2e-2, "batch_size": 8, "seed": 11}
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                         dashboard_address=":0") as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def client(cluster):
-    with Client(cluster) as client:
-        client.wait_for_workers(2, timeout=60)
-        yield client
+DASK_CONFIG = {"distributed.scheduler.allowed-failures": 1}  # for the shared cluster fixture
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +122,54 @@ def test_an_erring_shard_task_fails_the_run(client, prob):
 # ---- the push protocol, driven by hand (no shard tasks) -----------------------------------
 
 def _create(client, run_id, n=5, n_shards=2, step_timeout=60.0, **options):
-    spec = {"run_id": run_id, "n": n, "S": 4, "n_shards": n_shards, "steps_per_epoch": 2,
-            "epochs": 3, "lr": 0.1, "batch_size": 2, "weight_decay": 0.01,
-            "clamp": (-50.0, 50.0), "seed": 0, "checkpoint_dir": None, "checkpoint_every": 10,
-            "resume": False, "step_timeout": step_timeout, **options}
-    client.register_plugin(ParameterServer())
-    created = _call(client, "diagode_create_run", spec=spec, theta0=ToPickle(np.arange(n) / n))
+    spec = RunSpec(run_id=run_id, n=n, S=4, n_shards=n_shards,
+                   options=TrainOptions(epochs=3, lr=0.1, batch_size=2, weight_decay=0.01,
+                                        step_timeout=step_timeout, **options))
+    install(client)
+    created = _call(client, "diagode_create_run", spec=spec.to_wire(),
+                    theta0=ToPickle(np.arange(n) / n))
     assert created == {"run_id": run_id, "step": 0, "resumed_from_step": None}
+
+
+def _wire(**changes) -> dict:
+    spec = RunSpec(run_id="malformed", n=5, S=4, n_shards=2, options=TrainOptions(epochs=3))
+    wire = spec.to_wire()
+    options = {**wire["options"], **changes.pop("options", {})}
+    return {**wire, "options": options, **changes}
+
+
+def _endpoints(client) -> dict[str, int]:
+    base = client.dashboard_link[: -len("/status")]
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    codes = {}
+    for path in ("/diagode", "/diagode/status.json", "/metrics"):
+        with direct.open(base + path, timeout=10) as response:
+            codes[path] = response.status
+    return codes
+
+
+@pytest.mark.parametrize("spec, theta0, words", [
+    (_wire(options={"epochs": "1"}), np.zeros(5), "epochs must be an integer"),
+    (_wire(options={"rtol": 5.0}), np.zeros(5), "rtol must be a number in (0, 1)"),
+    (_wire(options={"lr": -1.0}), np.zeros(5), "lr must be > 0"),
+    (_wire(options={"surprise": 1}), np.zeros(5), "unexpected keyword argument 'surprise'"),
+    (_wire(n_shards=9), np.zeros(5), "n_shards must be <= S = 4"),
+    (_wire(n="5"), np.zeros(5), "n must be an int"),
+    (_wire(checkpoint_dir="relative/dir"), np.zeros(5), "checkpoint_dir must be an absolute"),
+    (_wire(run_id="bad id!"), np.zeros(5), "run_id must be"),
+    ({"run_id": "malformed"}, np.zeros(5), "a run spec needs the keys"),
+    ("not a dict", np.zeros(5), "a run spec must be a dict"),
+    (_wire(), np.zeros(4), "theta0 must be a float array of shape (5,)"),
+    (_wire(), np.full(5, np.nan), "theta0 contains NaN"),
+])
+def test_a_malformed_spec_sent_to_the_handler_is_refused(client, spec, theta0, words):
+    install(client)
+    before = [run["run_id"] for run in _call(client, "diagode_runs")]
+    reply = _call(client, "diagode_create_run", spec=spec, theta0=ToPickle(theta0))
+    assert "invalid run spec" in reply["error"] and words in reply["error"], reply
+    after = [run["run_id"] for run in _call(client, "diagode_runs")]
+    assert after == before  # nothing registered, not even half
+    assert _endpoints(client) == {"/diagode": 200, "/diagode/status.json": 200, "/metrics": 200}
 
 
 def _push(client, run_id, step, shard, loss, grad, count):

@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from distributed import Client
 
 import diagode_dist as dd
-from diagode_dist.config import load_config, param_map
+from diagode_dist.config import load_config
+from diagode_dist.options import DEMO_OPTIONS
 from diagode_dist.report import write_and_announce
 from diagode_dist.service.client import fit_distributed
-from diagode_dist.service.cluster import local_cluster
+from diagode_dist.service.session import open_client
 
 
 def main(argv=None) -> int:
@@ -33,15 +33,20 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diagode_dist").setLevel(logging.INFO)  # which cluster started, and why
 
-    problem, theta0, options, out_dir = _problem_and_options(args)
-    with local_cluster(n_workers=args.workers, gpu=False if args.cpu else "auto",
-                       cuda_visible_devices=args.gpus, rmm_pool_size=args.rmm_pool_size,
-                       protocol=args.protocol) as cluster, Client(cluster) as client:
-        print(f"{len(cluster.workers)} worker(s); dashboard {client.dashboard_link}", flush=True)
-        theta, history = fit_distributed(client, problem, theta0,
-                                         **{**options, "param": param_map(options["param"])})
+    if args.demo:
+        problem, options, out_dir = dd.demo_problem(), DEMO_OPTIONS, args.out or Path("demo-out")
+    else:
+        config = load_config(args.config)  # a bad config fails here, before any cluster starts
+        problem, options = config.problem.files().validate(), config.train
+        out_dir = args.out or config.output_dir
+    with open_client(n_workers=args.workers, gpu=False if args.cpu else "auto",
+                     cuda_visible_devices=args.gpus, rmm_pool_size=args.rmm_pool_size,
+                     protocol=args.protocol) as session:
+        print(session.describe(), flush=True)
+        theta, history = fit_distributed(session.client, problem, np.zeros(problem.n),
+                                         options=options)
     write_and_announce(out_dir, theta, history, {"command": "deploy/local/workstation.py",
-                                                    "options": options})
+                                                    "options": options.describe()})
     return 0
 
 
@@ -57,22 +62,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="CPU workers even if GPUs are there")
     parser.add_argument("--out", type=Path, help="output folder (default: the config's)")
     return parser
-
-
-def _problem_and_options(args):
-    """(problem, theta0, fit_distributed options, output folder) from the config or the demo."""
-    if args.demo:
-        problem = dd.demo_problem()
-        options = {"epochs": 20, "lr": 0.05, "k": 30, "batch_size": 32, "seed": 0,
-                   "param": "softplus"}
-        return problem, np.zeros(problem.n), options, args.out or Path("demo-out")
-    config = load_config(args.config)
-    spec = config.problem
-    problem = spec.files()
-    problem.validate()
-    n = np.load(spec.F, mmap_mode="r").shape[0]
-    options = config.train.submit_options()
-    return problem, np.zeros(n), options, args.out or config.output_dir
 
 
 if __name__ == "__main__":

@@ -17,17 +17,18 @@ little before the walltime. The same path from the CLI:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
-from distributed import Client
 
-from diagode_dist.config import load_config, param_map
+from diagode_dist.config import check_slurm_options, load_config
 from diagode_dist.report import write_and_announce
 from diagode_dist.service.client import fit_distributed
 from diagode_dist.service.cluster import slurm_cluster
+from diagode_dist.service.session import open_client
 
 
 def main(argv=None) -> int:
@@ -36,28 +37,25 @@ def main(argv=None) -> int:
     logging.getLogger("diagode_dist").setLevel(logging.INFO)
 
     config = load_config(args.config)  # a bad config fails here, before any job is queued
-    cluster_options = dict(jobs=args.jobs, cores=args.cores, memory=args.memory,
-                           queue=args.queue, walltime=args.walltime, interface=args.interface,
-                           local_directory=args.local_directory, gpus_per_job=args.gpus_per_job)
-    if args.account:
-        cluster_options["account"] = args.account
+    slurm = check_slurm_options({
+        "jobs": args.jobs, "cores": args.cores, "memory": args.memory, "queue": args.queue,
+        "walltime": args.walltime, "interface": args.interface,
+        "local_directory": args.local_directory, "gpus_per_job": args.gpus_per_job},
+        where="slurmcluster.py: ")
+    extra = {"account": args.account} if args.account else {}
     if args.dry_run:
-        with slurm_cluster(**cluster_options, submit=False) as cluster:
+        with slurm_cluster(**dataclasses.asdict(slurm), **extra, submit=False) as cluster:
             print(cluster.job_script())
         return 0
 
-    problem, theta0, options = _problem_and_options(config)
-    workers = args.jobs * max(args.gpus_per_job, 1)
-    with slurm_cluster(**cluster_options) as cluster, Client(cluster) as client:
-        print(f"queued {args.jobs} job(s); waiting for {workers} worker(s); dashboard "
-              f"{client.dashboard_link}", flush=True)
-        client.wait_for_workers(workers, timeout=args.worker_timeout)
-        theta, history = fit_distributed(client, problem, theta0,
-                                         **{**options, "param": param_map(options["param"])})
-    out_dir = args.out or config.output_dir
-    write_and_announce(out_dir, theta, history, {"command": "deploy/slurm/slurmcluster.py",
-                                                    "cluster": cluster_options,
-                                                    "options": options})
+    problem = config.problem.files().validate()
+    with open_client(slurm=slurm, worker_timeout=args.worker_timeout, **extra) as session:
+        print(session.describe(), flush=True)
+        theta, history = fit_distributed(session.client, problem, np.zeros(problem.n),
+                                         options=config.train)
+    write_and_announce(args.out or config.output_dir, theta, history,
+                       {"command": "deploy/slurm/slurmcluster.py",
+                        "cluster": dataclasses.asdict(slurm), "options": config.train.describe()})
     return 0
 
 
@@ -78,15 +76,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="output folder (default: the config's)")
     parser.add_argument("--dry-run", action="store_true", help="print the job script and exit")
     return parser
-
-
-def _problem_and_options(config):
-    spec = config.problem
-    problem = spec.files()
-    problem.validate()
-    n = np.load(spec.F, mmap_mode="r").shape[0]
-    options = config.train.submit_options()
-    return problem, np.zeros(n), options
 
 
 if __name__ == "__main__":

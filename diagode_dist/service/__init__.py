@@ -1,21 +1,29 @@
 """The Dask training service: a scheduler-side parameter server and long-running shard tasks.
 
-    from diagode_dist.service import submit, attach, fit_distributed, ProblemFiles
+    from diagode_dist.service import submit, attach, fit_distributed, open_client, DaskProblem
 
-See ``client`` (submit / attach / RunHandle), ``server`` (the scheduler plugin),
-``shard`` (the worker loop), ``files`` (problems in files), ``checkpoint``.
+Modules: ``client`` (submit / attach / RunHandle), ``session`` (open_client, connect),
+``inputs`` (DaskProblem), ``protocol`` (RunSpec, RunStatus), ``plugin`` (installs the service
+on a scheduler), ``server`` (the parameter server), ``shard`` (the worker loop), ``dashboard``
+and ``page`` (the training page), ``metrics``, ``checkpoint``, ``cluster`` (local and SLURM
+clusters). Names are imported on first use, so importing this package loads nothing heavy.
 """
 
-from diagode_dist.service.client import (
-    RunHandle,
-    attach,
-    connect,
-    fit_distributed,
-    list_runs,
-    submit,
-)
-from diagode_dist.service.files import ProblemFiles
-from diagode_dist.service.server import ParameterServer
+from __future__ import annotations
 
-__all__ = ["submit", "attach", "fit_distributed", "connect", "list_runs", "RunHandle",
-           "ProblemFiles", "ParameterServer"]
+import importlib
+
+_WHERE = {
+    "submit": "client", "attach": "client", "fit_distributed": "client", "list_runs": "client",
+    "RunHandle": "client", "connect": "session", "open_client": "session", "Session": "session",
+    "DaskProblem": "inputs", "RunSpec": "protocol", "RunStatus": "protocol",
+    "ParameterServer": "server",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"diagode_dist.service.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'diagode_dist.service' has no attribute {name!r}")

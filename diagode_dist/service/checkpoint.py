@@ -6,19 +6,20 @@ loss sum of the current epoch, and the RNG state, which is (seed, epoch): miniba
 pure function of them (``diagode_dist.train.epoch_batches``).
 
 Writes go to a temporary file in the same directory, are flushed to disk, then renamed over
-the old checkpoint with ``os.replace``, so a reader (or a crash) only ever sees a whole file.
+the old checkpoint (``diagode_dist._io.atomic_write``), so a reader (or a crash) only ever
+sees a whole file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from diagode_dist._io import atomic_write, plain
 
 FILENAME = "checkpoint.npz"
 FORMAT_VERSION = 1
@@ -44,21 +45,10 @@ def save_checkpoint(path: str | os.PathLike, theta: np.ndarray, optimizer_state:
         if isinstance(value, np.ndarray):
             arrays[f"opt.{key}"] = value
         else:
-            scalars[key] = _plain(value)
+            scalars[key] = plain(value)
     header = {"format": FORMAT_VERSION, "optimizer_scalars": scalars, **meta}
     arrays["meta"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda stream: np.savez(stream, **arrays), durable=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
@@ -77,7 +67,3 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]
     state.update(meta.pop("optimizer_scalars"))
     return theta, state, meta
 
-
-def _plain(value):
-    """JSON-safe version of a NumPy scalar."""
-    return value.item() if isinstance(value, np.generic) else value

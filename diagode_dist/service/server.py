@@ -1,14 +1,13 @@
 """The parameter server: a Dask scheduler plugin that holds each run's theta and Adam state.
 
 It lives in the scheduler process and adds RPC handlers to ``scheduler.handlers`` (the way
-distributed's own ``event.py`` / ``queues.py`` extensions do). Install it either way:
-
-- from a client: ``client.register_plugin(ParameterServer())`` (idempotent; ``submit`` does it);
-- on the scheduler's command line: ``dask scheduler --preload diagode_dist.service.server``.
+distributed's own ``event.py`` / ``queues.py`` extensions do). ``diagode_dist.service.plugin``
+installs it (from a client, which ``submit`` does, or as a scheduler preload).
 
 Protocol (all handlers run on the scheduler's event loop, so no locks are needed):
 
-- ``diagode_create_run(spec, theta0)``: a new run (or one resumed from its checkpoint).
+- ``diagode_create_run(spec, theta0)``: a new run (or one resumed from its checkpoint);
+  ``spec`` is ``RunSpec.to_wire()`` (see ``protocol.py``), checked again here.
 - ``diagode_pull(run_id, want, timeout)``: waits (without blocking the loop) until the run's
   step is >= ``want`` or the run has ended; replies with the current step and theta.
 - ``diagode_push(run_id, step, shard, loss_sum, grad_sum, count, timings)``: one shard's sums
@@ -28,115 +27,49 @@ still reference the old array.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import math
 import os
 import pickle
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
 
-from diagode_dist.service.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from diagode_dist.service.checkpoint import checkpoint_path, save_checkpoint
+from diagode_dist.service.protocol import (
+    OPERATOR_PREFIX,
+    SERVER_PLUGIN,
+    SHARD_PREFIX,
+    RunSpec,
+    RunStatus,
+)
+from diagode_dist.service.runs import Run, checked_theta0, status_of
 
 logger = logging.getLogger(__name__)
 
-PLUGIN_NAME = "diagode-parameter-server"
-SHARD_PREFIX = "diagode-shard"
-OPERATOR_PREFIX = "diagode-operator"
 _KEEP_ENDED_RUNS = 100  # ended runs kept for status/result; older ones are dropped
 _WATCHDOG_PERIOD_S = 0.1
-_RATE_WINDOW = 20  # steps over which steps_per_s is measured
-_TRACE_STEPS = 5000  # per-step losses kept for plots (the latest ones)
 _RESTARTED = ("the cluster was restarted (Client.restart) and its shard tasks were cancelled; "
               "submit again with resume=True to continue from the last checkpoint")
 
 
-def shard_key(run_id: str, shard: int) -> tuple[str, str, int]:
-    """Dask key of a shard's loop task; the task stream shows the prefix ``diagode-shard``."""
-    return (SHARD_PREFIX, run_id, int(shard))
-
-
-def operator_key(run_id: str) -> tuple[str, str]:
-    """Dask key of the in-memory A0 of a run (shared by the shards of one worker)."""
-    return (OPERATOR_PREFIX, run_id)
-
-
 def get_server(scheduler) -> ParameterServer | None:
     """The installed ParameterServer of a scheduler, or None (for dashboards and metrics)."""
-    return scheduler.plugins.get(PLUGIN_NAME)
-
-
-@dataclass
-class _Run:
-    """State of one training run, held by the server."""
-
-    spec: dict[str, Any]
-    adam: Any
-    theta: np.ndarray
-    opt_state: dict[str, Any]
-    step: int = 0
-    history: list[float] = field(default_factory=list)
-    epoch_loss_sum: float = 0.0
-    last_loss: float | None = None
-    grad_norm: float | None = None
-    status: str = "running"
-    error: str | None = None
-    pushes: dict[int, tuple[float, np.ndarray, int]] = field(default_factory=dict)
-    shard_timings: list[dict[str, float]] = field(default_factory=list)
-    shard_restarts: list[int] = field(default_factory=list)
-    death_step: dict[int, int] = field(default_factory=dict)
-    created: float = field(default_factory=time.time)
-    ended: float | None = None
-    step_started: float = field(default_factory=time.monotonic)
-    step_done_times: collections.deque = field(
-        default_factory=lambda: collections.deque(maxlen=_RATE_WINDOW + 1))
-    last_step_s: float | None = None
-    loss_trace: collections.deque = field(  # (steps done, mean loss of that step)
-        default_factory=lambda: collections.deque(maxlen=_TRACE_STEPS))
-    timed_steps: int = 0  # steps after the first (which includes start-up), for the means
-    timed_wall_s: float = 0.0
-    timed_compute_s: float = 0.0  # slowest shard's compute time, summed over timed steps
-    resumed_from_step: int | None = None
-    checkpoint_step: int | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    ended_event: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def run_id(self) -> str:
-        return self.spec["run_id"]
-
-    @property
-    def n_shards(self) -> int:
-        return self.spec["n_shards"]
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.spec["steps_per_epoch"]
-
-    @property
-    def n_steps(self) -> int:
-        return self.spec["epochs"] * self.spec["steps_per_epoch"]
-
-    def notify(self) -> None:
-        """Wake every waiter (pull / wait) on this run; later waiters get a fresh event."""
-        event, self.changed = self.changed, asyncio.Event()
-        event.set()
+    return scheduler.plugins.get(SERVER_PLUGIN)
 
 
 class ParameterServer(SchedulerPlugin):
     """Scheduler plugin holding training runs; see the module docstring for the protocol."""
 
-    name = PLUGIN_NAME
+    name = SERVER_PLUGIN
     idempotent = True
 
     def __init__(self) -> None:
         self.scheduler = None
-        self.runs: dict[str, _Run] = {}
+        self.runs: dict[str, Run] = {}
         self._watchdog: asyncio.Task | None = None
         self._writes: dict[str, asyncio.Task] = {}  # checkpoint path -> last write
         self._background: set[asyncio.Task] = set()
@@ -189,32 +122,38 @@ class ParameterServer(SchedulerPlugin):
 
     # ---- handlers --------------------------------------------------------------------------
 
-    async def create_run(self, spec: dict, theta0: np.ndarray) -> dict:
-        """Register a run. Returns {"run_id", "step", "resumed_from_step"} or {"error": ...}."""
-        run_id = spec["run_id"]
+    async def create_run(self, spec: Any = None, theta0: Any = None) -> dict:
+        """Register a run. Returns {"run_id", "step", "resumed_from_step"} or {"error": ...}.
+
+        ``spec`` is ``RunSpec.to_wire()``; a malformed spec or theta0 is refused here, before
+        anything is registered.
+        """
+        try:
+            run_spec = RunSpec.from_wire(spec)
+            theta0 = checked_theta0(theta0, run_spec.n)
+        except (TypeError, ValueError) as err:
+            return {"error": f"invalid run spec: {err}"}
+        run_id = run_spec.run_id
         if run_id in self.runs and self.runs[run_id].status == "running":
             return {"error": f"run_id {run_id!r} is already running on this scheduler"}
-        path = None
-        if spec["checkpoint_dir"] is not None:
-            path = str(checkpoint_path(spec["checkpoint_dir"]))
+        path, folder = None, run_spec.checkpoint_dir
+        if folder is not None:
+            path = str(checkpoint_path(folder))
             busy = [r.run_id for r in self.runs.values()
-                    if r.status == "running" and r.spec.get("checkpoint_path") == path]
+                    if r.status == "running" and r.checkpoint_path == path]
             if busy:
-                return {"error": f"checkpoint_dir {spec['checkpoint_dir']} is in use by running "
-                                 f"run {busy[0]!r}"}
+                return {"error": f"checkpoint_dir {folder} is in use by running run {busy[0]!r}"}
             try:
-                os.makedirs(spec["checkpoint_dir"], exist_ok=True)
+                os.makedirs(folder, exist_ok=True)
             except OSError as err:
-                return {"error": f"checkpoint_dir: cannot create {spec['checkpoint_dir']} on "
-                                 f"the scheduler: {err}"}
-            if not os.access(spec["checkpoint_dir"], os.W_OK):
-                return {"error": f"checkpoint_dir {spec['checkpoint_dir']} is not writable by "
-                                 f"the scheduler"}
+                return {"error": f"checkpoint_dir: cannot create {folder} on the scheduler: "
+                                 f"{err}"}
+            if not os.access(folder, os.W_OK):
+                return {"error": f"checkpoint_dir {folder} is not writable by the scheduler"}
             if path in self._writes:  # a previous run's last write must land before we read
                 await asyncio.wait([self._writes[path]])
-        spec = {**spec, "checkpoint_path": path}
         try:
-            run = self._new_run(spec, np.asarray(theta0, dtype=np.float64))
+            run = Run.create(run_spec, theta0, path)
         except (ValueError, FileNotFoundError) as err:
             return {"error": str(err)}
         self._drop_old_runs()
@@ -273,10 +212,10 @@ class ParameterServer(SchedulerPlugin):
             self._complete_step(run)
         return {"accepted": True, "status": run.status}
 
-    def status(self, run_id: str) -> dict | None:
+    def status(self, run_id: str) -> RunStatus | None:
         """The run's status dict (see ``_status``), or None if there is no such run."""
         run = self.runs.get(run_id)
-        return None if run is None else self._status(run)
+        return None if run is None else status_of(run)
 
     async def wait(self, run_id: str, timeout: float = 0.5) -> dict | None:
         """Status after the run ends or ``timeout`` seconds, whichever comes first."""
@@ -288,7 +227,7 @@ class ParameterServer(SchedulerPlugin):
                 await asyncio.wait_for(run.ended_event.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
-        return self._status(run)
+        return status_of(run)
 
     def result(self, run_id: str) -> dict | None:
         """{"status", "error", "theta", "history"} of a run (theta is the current one)."""
@@ -305,88 +244,40 @@ class ParameterServer(SchedulerPlugin):
             return None
         if run.status == "running":
             self._fail(run, reason)
-        return self._status(run)
+        return status_of(run)
 
-    def list_runs(self) -> list[dict]:
+    def list_runs(self) -> list[RunStatus]:
         """Status dicts of every run the server holds, oldest first."""
         return self.statuses()
 
-    def statuses(self) -> list[dict]:
-        """Status dicts of all runs (for the dashboard page and metrics)."""
-        return [self._status(run) for run in self.runs.values()]
+    def statuses(self) -> list[RunStatus]:
+        """Status dicts of all runs, oldest first (for the dashboard page and metrics)."""
+        return [status_of(run) for run in self.runs.values()]
+
+    def loss_trace(self, run_id: str) -> list[tuple[int, float]]:
+        """(step, mean loss of that step) of the run's latest steps; empty if unknown."""
+        run = self.runs.get(run_id)
+        return [] if run is None else list(run.loss_trace)
 
     # ---- run life cycle --------------------------------------------------------------------
 
-    def _new_run(self, spec: dict, theta0: np.ndarray) -> _Run:
-        from diagode_dist.optim import Adam
-
-        adam = Adam(lr=spec["lr"], weight_decay=spec["weight_decay"], clamp=spec["clamp"])
-        n_shards = spec["n_shards"]
-        run = _Run(spec=spec, adam=adam, theta=theta0, opt_state=adam.init(theta0),
-                   shard_timings=[{} for _ in range(n_shards)],
-                   shard_restarts=[0] * n_shards)
-        if spec["resume"] and spec["checkpoint_path"] is not None:
-            if os.path.exists(spec["checkpoint_path"]):
-                self._restore(run, spec["checkpoint_path"])
-            else:
-                logger.warning("diagode run %s: resume=True but no checkpoint at %s; starting "
-                               "from theta0", spec["run_id"], spec["checkpoint_path"])
-        return run
-
-    def _restore(self, run: _Run, path: str) -> None:
-        theta, state, meta = load_checkpoint(path)
-        for name in ("n", "S", "batch_size", "seed"):
-            if meta[name] != run.spec[name]:
-                raise ValueError(f"resume: checkpoint {path} has {name}={meta[name]}, this run "
-                                 f"has {name}={run.spec[name]}")
-        if meta["steps_per_epoch"] != run.steps_per_epoch or meta["step"] > run.n_steps:
-            raise ValueError(f"resume: checkpoint {path} is at step {meta['step']}, beyond this "
-                             f"run's {run.n_steps} steps (epochs={run.spec['epochs']})")
-        run.theta, run.opt_state = theta, state
-        run.step = run.resumed_from_step = run.checkpoint_step = int(meta["step"])
-        run.history = [float(h) for h in meta["history"]]
-        run.epoch_loss_sum = float(meta["epoch_loss_sum"])
-        run.last_loss = meta["last_loss"]
-        logger.info("diagode run %s: resumed from %s at step %d", run.run_id, path, run.step)
-
-    def _complete_step(self, run: _Run) -> None:
+    def _complete_step(self, run: Run) -> None:
         """All shards are in: sum in shard order, one Adam step, release the new theta."""
-        loss_sum, count, grad_sum = 0.0, 0, None
-        for shard in range(run.n_shards):
-            shard_loss, shard_grad, shard_count = run.pushes[shard]
-            loss_sum += shard_loss
-            count += shard_count
-            grad_sum = shard_grad if grad_sum is None else grad_sum + shard_grad
-        grad = grad_sum / count
-        # Adam.step is pure: the old theta may still be referenced by replies being sent.
-        run.theta, run.opt_state = run.adam.step(run.theta, grad, run.opt_state)
-        run.pushes = {}
-        run.last_loss = loss_sum / count
-        run.grad_norm = float(np.linalg.norm(grad))
-        run.epoch_loss_sum += loss_sum
-        run.step += 1
-        run.loss_trace.append((run.step, run.last_loss))
-        if run.step % run.steps_per_epoch == 0:
-            run.history.append(run.epoch_loss_sum / run.spec["S"])
-            run.epoch_loss_sum = 0.0
-        now = time.monotonic()
-        run.last_step_s = now - run.step_started
-        run.step_started = now
-        if run.step > 1 and run.resumed_from_step != run.step - 1:
-            run.timed_steps += 1
-            run.timed_wall_s += run.last_step_s
-            run.timed_compute_s += max(t.get("compute_s", 0.0) for t in run.shard_timings)
-        run.step_done_times.append(now)
+        run.apply_pushes()
+        log_every = run.spec.options.log_every
+        if log_every and run.step % log_every == 0:
+            logger.info("diagode run %s: step %d/%d, mean loss %.6g", run.run_id, run.step,
+                        run.n_steps, run.last_loss)
         if run.step >= run.n_steps:
             self._finish(run)
             return
-        if run.spec["checkpoint_path"] and run.step % run.spec["checkpoint_every"] == 0:
+        if run.checkpoint_path and run.step % run.spec.options.checkpoint_every == 0:
             self._write_checkpoint(run)
         run.notify()
 
-    def _finish(self, run: _Run) -> None:
+    def _finish(self, run: Run) -> None:
         """Last step done: write the final checkpoint, then report "finished"."""
-        task = self._write_checkpoint(run) if run.spec["checkpoint_path"] else None
+        task = self._write_checkpoint(run) if run.checkpoint_path else None
 
         async def finish_after_write():
             if task is not None:
@@ -396,28 +287,21 @@ class ParameterServer(SchedulerPlugin):
 
         self._in_background(finish_after_write())
 
-    def _fail(self, run: _Run, error: str) -> None:
+    def _fail(self, run: Run, error: str) -> None:
         logger.error("diagode run %s failed at step %d: %s", run.run_id, run.step, error)
         run.error = error
         self._end(run, "failed")
 
-    def _end(self, run: _Run, status: str) -> None:
+    def _end(self, run: Run, status: str) -> None:
         run.status = status
         run.ended = time.time()
         run.pushes = {}
         run.ended_event.set()
         run.notify()
 
-    def _write_checkpoint(self, run: _Run) -> asyncio.Task:
+    def _write_checkpoint(self, run: Run) -> asyncio.Task:
         """Write theta, Adam state, step, history and RNG state in a thread, in order."""
-        path = run.spec["checkpoint_path"]
-        meta = {name: run.spec[name] for name in
-                ("run_id", "n", "S", "n_shards", "batch_size", "seed", "epochs",
-                 "steps_per_epoch", "lr", "weight_decay")}
-        meta.update(clamp=list(run.spec["clamp"]) if run.spec["clamp"] is not None else None,
-                    step=run.step, epoch=run.step // run.steps_per_epoch,
-                    history=list(run.history), epoch_loss_sum=run.epoch_loss_sum,
-                    last_loss=run.last_loss, written=time.time())
+        path, meta = run.checkpoint_path, run.checkpoint_meta()
         theta, state, previous = run.theta, run.opt_state, self._writes.get(path)
 
         async def write():
@@ -453,7 +337,7 @@ class ParameterServer(SchedulerPlugin):
             await asyncio.sleep(_WATCHDOG_PERIOD_S)
             now = time.monotonic()
             for run in list(self.runs.values()):
-                timeout = run.spec["step_timeout"]
+                timeout = run.spec.options.step_timeout
                 if run.status == "running" and now - run.step_started > timeout:
                     missing = [s for s in range(run.n_shards) if s not in run.pushes]
                     self._fail(run, f"step {run.step} did not complete within step_timeout="
@@ -463,7 +347,7 @@ class ParameterServer(SchedulerPlugin):
 
     # ---- worker deaths and task errors ----------------------------------------------------
 
-    def _forgive_worker_death(self, run: _Run, shard: int, key) -> None:
+    def _forgive_worker_death(self, run: Run, shard: int, key) -> None:
         """A worker died under this shard's task, which Dask will rerun elsewhere.
 
         Dask counts every death toward ``allowed-failures`` and fails the task for good after
@@ -479,7 +363,7 @@ class ParameterServer(SchedulerPlugin):
         logger.warning("diagode run %s: shard %d task lost its worker at step %d; Dask reruns "
                        "it", run.run_id, shard, run.step)
 
-    def _run_of_key(self, key) -> tuple[_Run | None, int | None]:
+    def _run_of_key(self, key) -> tuple[Run | None, int | None]:
         if not (isinstance(key, tuple) and len(key) >= 2 and isinstance(key[1], str)):
             return None, None
         if key[0] == SHARD_PREFIX and len(key) == 3:
@@ -501,47 +385,3 @@ class ParameterServer(SchedulerPlugin):
             except Exception:
                 text = None
         return text or "unknown error (see the worker logs)"
-
-    # ---- status ----------------------------------------------------------------------------
-
-    def _status(self, run: _Run) -> dict:
-        times = run.step_done_times
-        rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and \
-            times[-1] > times[0] else None
-        remaining = run.n_steps - run.step
-        end = run.ended if run.ended is not None else time.time()
-        return {
-            "run_id": run.run_id,
-            "status": run.status,
-            "step": run.step,
-            "n_steps": run.n_steps,
-            "epoch": run.step // run.steps_per_epoch,
-            "epochs": run.spec["epochs"],
-            "loss": run.last_loss,
-            "history": list(run.history),
-            "steps_per_s": rate,
-            "error": run.error,
-            "n": run.spec["n"],
-            "S": run.spec["S"],
-            "n_shards": run.n_shards,
-            "batch_size": run.spec["batch_size"],
-            "steps_per_epoch": run.steps_per_epoch,
-            "grad_norm": run.grad_norm,
-            "last_step_s": run.last_step_s,
-            "mean_step_s": run.timed_wall_s / run.timed_steps if run.timed_steps else None,
-            "mean_compute_s": (run.timed_compute_s / run.timed_steps if run.timed_steps
-                               else None),
-            "shard_timings": [dict(t) for t in run.shard_timings],
-            "shard_restarts": list(run.shard_restarts),
-            "started": run.created,
-            "elapsed_s": end - run.created,
-            "eta_s": remaining / rate if rate and run.status == "running" else None,
-            "checkpoint": run.spec["checkpoint_path"],
-            "checkpoint_step": run.checkpoint_step,
-            "resumed_from_step": run.resumed_from_step,
-        }
-
-
-def dask_setup(scheduler) -> None:
-    """Scheduler preload entry point: ``dask scheduler --preload diagode_dist.service.server``."""
-    scheduler.add_plugin(ParameterServer(), idempotent=True)

@@ -5,11 +5,12 @@ A shard owns the contiguous global columns ``[lo, hi)`` (``np.array_split`` of t
 
 1. ``secede()``s first, so waiting for theta never holds a worker thread: more shards than
    threads cannot deadlock.
-2. Loads its columns once: from files (``ProblemFiles``: memory-mapped column slices) or from
+2. Loads its columns once: from files (``ProblemFiles``: memory-mapped column slices), from
    the task graph (in-memory ``Problem``: the columns travel inside the task, A0 as a shared
    dependency, so Dask can recompute both if a worker dies, which scattered data would not
-   survive). A0 is loaded once per worker process (cached here), and everything is moved to
-   the GPU once when the worker sees one (CuPy), else stays in NumPy.
+   survive), or from its chunks of a ``DaskProblem`` (dependencies persisted on the workers:
+   the task runs where they are). A0 is loaded once per worker process (cached here), and
+   everything is moved to the GPU once when the worker sees one (CuPy), else stays in NumPy.
 3. Loops: pull theta at the server's step (one pull per worker process, shared by its shards),
    compute ``loss_grad_sums`` on its columns of that step's minibatch (the same
    ``epoch_batches`` as ``dd.fit``), push (loss_sum, grad_sum, count). A rerun task starts
@@ -29,7 +30,6 @@ import collections
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from distributed import get_worker, secede
@@ -37,7 +37,12 @@ from distributed.metrics import context_meter
 from distributed.protocol.serialize import ToPickle
 from distributed.utils import sync
 
-from diagode_dist.service.files import ProblemFiles
+from diagode_dist._array import gpu_available, is_sparse, sparse_to_module, to_module, to_numpy
+from diagode_dist.adjoint import loss_grad_sums
+from diagode_dist.files import ProblemFiles
+from diagode_dist.options import TrainOptions
+from diagode_dist.service.inputs import DaskShard
+from diagode_dist.train import epoch_batches
 
 _OPERATOR_CACHE_SIZE = 2  # A0s kept per worker process (host and device copies count apart)
 _PULL_TIMEOUT_S = 10.0  # a pull waits at most this long on the scheduler, then asks again
@@ -53,12 +58,8 @@ class ShardSpec:
     lo: int  # first global column of the shard
     hi: int  # one past the last
     S: int  # columns in the whole problem
-    batch_size: int
-    seed: int
     steps_per_epoch: int
-    param: Any
-    k: int
-    rtol: float
+    options: TrainOptions  # with the diagonal map object as ``param``
 
 
 def shard_columns(S: int, n_shards: int) -> list[tuple[int, int]]:
@@ -67,18 +68,18 @@ def shard_columns(S: int, n_shards: int) -> list[tuple[int, int]]:
     return [(int(part[0]), int(part[-1]) + 1) for part in bounds]
 
 
-def shard_loop(spec: ShardSpec, data, operator=None) -> dict:
+def shard_loop(spec: ShardSpec, data, operator=None, blocks: dict | None = None) -> dict:
     """Body of a shard task; returns a summary when the run ends (finished or failed).
 
-    ``data``: a ``ProblemFiles``, or the shard's columns of an in-memory Problem with its
-    operator detached (``detach_operator``); ``operator``: then its A0 (a Dask dependency),
-    None for files.
+    ``data``: a ``ProblemFiles``, the shard's columns of an in-memory Problem with its operator
+    detached (``detach_operator``), or a ``DaskShard``; ``operator``: A0 (a Dask dependency)
+    for the last two, None for files; ``blocks``: a DaskShard's chunks (Dask dependencies).
     """
     secede()  # before anything that waits: the thread slot goes back to the worker
     worker = get_worker()
     with context_meter.meter("load-shard"):
         started = time.perf_counter()
-        prob = _load_problem(spec, data, operator)
+        prob = _load_problem(spec, data, operator, blocks)
         load_s = time.perf_counter() - started
     link = _ServerLink(worker, spec.run_id)
     batches = _Minibatches(spec)
@@ -116,14 +117,13 @@ def _loss_grad(prob, theta: np.ndarray, spec: ShardSpec, columns: np.ndarray):
 
     Zeros when the shard has no column in this step; accuracy: the Krylov error estimate.
     """
-    from diagode_dist._array import to_numpy
-    from diagode_dist.adjoint import loss_grad_sums
-
     if columns.size == 0:
         return 0.0, np.zeros_like(theta), 0, {}
     theta_dev = prob.xp.asarray(np.require(theta, requirements="A"))  # see _aligned
-    loss_sum, grad_sum, count, info = loss_grad_sums(prob, theta_dev, spec.param,
-                                                     columns=columns, k=spec.k, rtol=spec.rtol)
+    options = spec.options
+    loss_sum, grad_sum, count, info = loss_grad_sums(
+        prob, theta_dev, options.diagonal_map(), columns=columns, k=options.k,
+        rtol=options.rtol, max_chunk_columns=options.max_chunk_columns)
     accuracy = {key: info[key] for key in ("error_estimate", "rtol_met") if key in info}
     return float(loss_sum), to_numpy(grad_sum), int(count), accuracy
 
@@ -137,12 +137,11 @@ class _Minibatches:
         self._batches: list[np.ndarray] = []
 
     def local_columns(self, step: int) -> np.ndarray:
-        from diagode_dist.train import epoch_batches
-
         spec = self.spec
         epoch, index = divmod(step, spec.steps_per_epoch)
         if epoch != self._epoch:
-            self._batches = epoch_batches(spec.S, spec.batch_size, spec.seed, epoch)
+            self._batches = epoch_batches(spec.S, spec.options.batch_size, spec.options.seed,
+                                          epoch)
             self._epoch = epoch
         batch = self._batches[index]
         mine = np.sort(batch[(batch >= spec.lo) & (batch < spec.hi)])
@@ -155,14 +154,17 @@ _operators: collections.OrderedDict = collections.OrderedDict()
 _operators_lock = threading.Lock()
 
 
-def _load_problem(spec: ShardSpec, data, operator):
+def _load_problem(spec: ShardSpec, data, operator, blocks):
     """The shard's Problem on the worker's device (CuPy if it sees a GPU, else NumPy)."""
-    from diagode_dist._array import gpu_available
-
     if isinstance(data, ProblemFiles):
         token = data.operator_token()
         host_A0 = _cached(token, data.load_operator)
         piece = data.load_shard(slice(spec.lo, spec.hi), A0=host_A0)
+    elif isinstance(data, DaskShard):
+        token = ("graph", spec.run_id)
+        host_A0 = _cached(token, lambda: _aligned(operator))
+        piece = data.build(host_A0, {name: None if block is None else _aligned(block)
+                                     for name, block in blocks.items()})
     else:
         token, piece = ("graph", spec.run_id), data
         host_A0 = _cached(token, lambda: _aligned(operator))
@@ -205,8 +207,6 @@ def _aligned(A0):
 
 
 def _operator_to(A0, xp):
-    from diagode_dist._array import is_sparse, sparse_to_module, to_module
-
     return sparse_to_module(A0, xp) if is_sparse(A0) else to_module(A0, xp)
 
 

@@ -4,11 +4,14 @@ Supported formats
 -----------------
 - ``A0``: ``.npy`` (dense (n, n)), ``.npz`` (written by ``scipy.sparse.save_npz``) or ``.mtx``
   (Matrix Market, sparse or dense).
-- ``F``: ``.npy`` (n, S), read memory-mapped: a shard copies only its column slice.
-- ``labels``: ``.npy`` (S,) integers in [0, n).
-- ``x0`` (optional): ``.npy`` (n, S), memory-mapped like ``F``.
+- ``F``: ``.npy`` (n, S), read memory-mapped, or a ``.zarr`` array (needs ``zarr``; chunk it
+  by columns): either way a shard reads only its own columns.
+- ``labels``: ``.npy`` or ``.zarr`` (S,) integers in [0, n).
+- ``x0`` (optional): ``.npy`` or ``.zarr`` (n, S), read like ``F``.
 
 Paths are stored absolute, so they mean the same file on every worker of a shared file system.
+This module does not import Dask: loading a problem from files needs NumPy/SciPy (and zarr for
+``.zarr``) only.
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from diagode_dist._checks import finite_real
+from diagode_dist.problem import Problem
+
+__all__ = ["ProblemFiles"]
 
 _A0_SUFFIXES = (".npy", ".npz", ".mtx")
+_COLUMN_SUFFIXES = (".npy", ".zarr")
 
 
 class ProblemFiles:
@@ -30,11 +37,11 @@ class ProblemFiles:
     Parameters
     ----------
     A0 : path to the (n, n) base operator (.npy dense, .npz scipy.sparse, .mtx Matrix Market).
-    F : path to the (n, S) forcing (.npy).
-    labels : path to the (S,) integer labels (.npy).
+    F : path to the (n, S) forcing (.npy or .zarr).
+    labels : path to the (S,) integer labels (.npy or .zarr).
     T : float > 0, final time.
     beta : float, logit scale.
-    x0 : optional path to the (n, S) initial states (.npy).
+    x0 : optional path to the (n, S) initial states (.npy or .zarr).
 
     Nothing is read until :meth:`validate` or a ``load_*`` method is called; ``validate`` reads
     only headers (and the S labels), never the whole of ``F``.
@@ -60,11 +67,8 @@ class ProblemFiles:
         Raises FileNotFoundError (missing file), ValueError (wrong suffix, shape mismatch, labels
         out of range) or TypeError (wrong dtype), naming the argument. Returns ``self``.
         """
-        for name in ("A0", "F", "labels", "x0"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                raise FileNotFoundError(f"{name}: no such file: {path}")
-        F = _open_npy(self.F, "F")
+        self.check_exist()
+        F = _open_columns(self.F, "F")
         if F.ndim != 2 or F.shape[0] < 1 or F.shape[1] < 1:
             raise ValueError(f"F must be a non-empty 2-D (n, S) array, got shape {F.shape}")
         if F.dtype.kind not in "fiu":
@@ -74,7 +78,7 @@ class ProblemFiles:
         if a0_shape != (n, n):
             raise ValueError(f"A0 has shape {a0_shape} but F has shape {F.shape}: "
                              f"A0 must be (n, n) = ({n}, {n})")
-        labels = np.load(self.labels, allow_pickle=False)
+        labels = _read_all(self.labels, "labels")
         if labels.ndim != 1 or labels.shape[0] != S:
             raise ValueError(f"labels must have shape (S,) = ({S},) to match F, "
                              f"got {labels.shape}")
@@ -84,11 +88,21 @@ class ProblemFiles:
             raise ValueError(f"labels must lie in [0, n) = [0, {n}), "
                              f"got [{labels.min()}, {labels.max()}]")
         if self.x0 is not None:
-            x0 = _open_npy(self.x0, "x0")
+            x0 = _open_columns(self.x0, "x0")
             if x0.shape != (n, S):
                 raise ValueError(f"x0 must have shape (n, S) = ({n}, {S}) to match F, "
                                  f"got {x0.shape}")
         self._shape = (n, S)
+        return self
+
+    def check_exist(self) -> ProblemFiles:
+        """FileNotFoundError naming the first argument whose file (or .zarr folder) is missing."""
+        for name in ("A0", "F", "labels", "x0"):
+            path = getattr(self, name)
+            found = path is None or (path.is_dir() if path.suffix.lower() == ".zarr"
+                                     else path.is_file())
+            if not found:
+                raise FileNotFoundError(f"{name}: no such file: {path}")
         return self
 
     @property
@@ -131,13 +145,13 @@ class ProblemFiles:
     def load_columns(self, columns) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Host copies of F[:, columns], labels[columns], x0[:, columns] (x0 may be None).
 
-        ``columns``: 1-D ints, or a ``slice``. F and x0 are memory-mapped, so only the
-        selected columns are read.
+        ``columns``: 1-D ints, or a ``slice``. F and x0 are memory-mapped (.npy) or read by
+        chunks (.zarr), so only the selected columns are read.
         """
         cols = columns if isinstance(columns, slice) else np.asarray(columns, dtype=np.int64)
-        F = np.array(_open_npy(self.F, "F")[:, cols])
-        labels = np.load(self.labels, allow_pickle=False)[cols]
-        x0 = None if self.x0 is None else np.array(_open_npy(self.x0, "x0")[:, cols])
+        F = _columns(_open_columns(self.F, "F"), cols)
+        labels = np.asarray(_read_all(self.labels, "labels")[cols])
+        x0 = None if self.x0 is None else _columns(_open_columns(self.x0, "x0"), cols)
         return F, labels, x0
 
     def load_shard(self, columns, A0=None):
@@ -146,8 +160,6 @@ class ProblemFiles:
         ``A0``: an operator already loaded (shared between shards of one process); read from
         its file when None.
         """
-        from diagode_dist.problem import Problem
-
         F, labels, x0 = self.load_columns(columns)
         A0 = self.load_operator() if A0 is None else A0
         return Problem(A0, F, labels, T=self.T, beta=self.beta, x0=x0)
@@ -167,7 +179,7 @@ def _path(value, name: str) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
     path = Path(value).expanduser().absolute()
-    allowed = _A0_SUFFIXES if name == "A0" else (".npy",)
+    allowed = _A0_SUFFIXES if name == "A0" else _COLUMN_SUFFIXES
     if path.suffix.lower() not in allowed:
         raise ValueError(f"{name}: {path} must end in {' / '.join(allowed)}")
     return path
@@ -178,6 +190,36 @@ def _open_npy(path: Path, name: str) -> np.ndarray:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as err:
         raise ValueError(f"{name}: {path} is not a readable .npy array ({err})") from None
+
+
+def _open_zarr(path: Path, name: str):
+    try:
+        import zarr  # optional: pip install 'diagode-dist[zarr]'
+    except ImportError:
+        raise ImportError(f"{name}: reading {path} needs zarr: pip install "
+                          f"'diagode-dist[zarr]'") from None
+    try:
+        return zarr.open_array(str(path), mode="r")
+    except Exception as err:  # zarr raises its own errors for a folder that is not an array
+        raise ValueError(f"{name}: {path} is not a readable zarr array ({err})") from None
+
+
+def _open_columns(path: Path, name: str):
+    """A lazily read 2-D (or 1-D) array: a memory map (.npy) or a zarr array (.zarr)."""
+    return _open_zarr(path, name) if path.suffix.lower() == ".zarr" else _open_npy(path, name)
+
+
+def _read_all(path: Path, name: str) -> np.ndarray:
+    if path.suffix.lower() == ".zarr":
+        return np.asarray(_open_zarr(path, name)[...])
+    return np.load(path, allow_pickle=False)
+
+
+def _columns(array, cols) -> np.ndarray:
+    """Host copy of array[:, cols] (cols a slice or int indices), reading only those columns."""
+    if isinstance(cols, slice) or isinstance(array, np.ndarray):
+        return np.array(array[:, cols])
+    return np.asarray(array.get_orthogonal_selection((slice(None), cols)))
 
 
 def _operator_shape(path: Path) -> tuple[int, ...]:

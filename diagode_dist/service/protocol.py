@@ -1,0 +1,171 @@
+"""What crosses the wire between the client, the parameter server, the shards and the dashboard.
+
+- ``RunSpec``: a run as submitted (frozen, checked when built). It travels to the scheduler as
+  the plain dict of ``to_wire()`` and is rebuilt there with ``from_wire()``, which checks every
+  type and range again: a malformed call to the handler is refused before anything is
+  registered.
+- ``RunStatus``: the status dict of a run, as ``RunHandle.status()``, ``/diagode/status.json``,
+  the ``/metrics`` gauges, the training page and ``diagode-dist status`` see it.
+- Task keys and plugin names.
+
+Nothing here imports Dask.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from diagode_dist.options import TrainOptions
+
+SERVER_PLUGIN = "diagode-parameter-server"
+SERVICE_PLUGIN = "diagode-service"
+SHARD_PREFIX = "diagode-shard"
+OPERATOR_PREFIX = "diagode-operator"
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_WIRE_KEYS = ("run_id", "n", "S", "n_shards", "checkpoint_dir", "resume", "options")
+
+
+def shard_key(run_id: str, shard: int) -> tuple[str, str, int]:
+    """Dask key of a shard's loop task; the task stream shows the prefix ``diagode-shard``."""
+    return (SHARD_PREFIX, run_id, int(shard))
+
+
+def operator_key(run_id: str) -> tuple[str, str]:
+    """Dask key of the in-memory A0 of a run (shared by the shards of one worker)."""
+    return (OPERATOR_PREFIX, run_id)
+
+
+def check_run_id(run_id: Any) -> str:
+    """1-64 letters, digits, '_', '.', '-', starting with a letter or digit."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise ValueError(f"run_id must be 1-64 characters of letters, digits, '_', '.', '-' "
+                         f"(starting with a letter or digit), got {run_id!r}")
+    return run_id
+
+
+def _count(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A training run as the parameter server holds it.
+
+    n, S: state size and columns; n_shards: 1 <= n_shards <= S; checkpoint_dir: absolute path
+    on the scheduler's file system, or None; resume: continue from its checkpoint.
+    """
+
+    run_id: str
+    n: int
+    S: int
+    n_shards: int
+    options: TrainOptions
+    checkpoint_dir: str | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        check_run_id(self.run_id)
+        _count("n", self.n)
+        _count("S", self.S)
+        _count("n_shards", self.n_shards)
+        if self.n_shards > self.S:
+            raise ValueError(f"n_shards must be <= S = {self.S} (the number of columns), got "
+                             f"{self.n_shards}")
+        if not isinstance(self.options, TrainOptions):
+            raise TypeError(f"options must be a TrainOptions, got "
+                            f"{type(self.options).__name__}")
+        if self.checkpoint_dir is not None and (
+                not isinstance(self.checkpoint_dir, str)
+                or not os.path.isabs(self.checkpoint_dir)):
+            raise ValueError(f"checkpoint_dir must be an absolute path (str) or None, got "
+                             f"{self.checkpoint_dir!r}")
+        if not isinstance(self.resume, bool):
+            raise TypeError(f"resume must be a bool, got {type(self.resume).__name__}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.S / self.options.batch_size)
+
+    @property
+    def n_steps(self) -> int:
+        return self.options.epochs * self.steps_per_epoch
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain values (msgpack): what the client sends to ``diagode_create_run``."""
+        return {"run_id": self.run_id, "n": self.n, "S": self.S, "n_shards": self.n_shards,
+                "checkpoint_dir": self.checkpoint_dir, "resume": self.resume,
+                "options": self.options.to_wire()}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> RunSpec:
+        """Rebuild and check a spec received by the server; TypeError/ValueError if malformed."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a run spec must be a dict, got {type(data).__name__}")
+        keys = set(data)
+        if keys != set(_WIRE_KEYS):
+            missing, unknown = sorted(set(_WIRE_KEYS) - keys), sorted(keys - set(_WIRE_KEYS))
+            raise ValueError(f"a run spec needs the keys {', '.join(_WIRE_KEYS)} (missing: "
+                             f"{missing or 'none'}, unknown: {unknown or 'none'})")
+        return cls(**{**data, "options": TrainOptions.from_wire(data["options"])})
+
+
+class ShardTiming(TypedDict, total=False):
+    """What a shard reports with each push (all optional)."""
+
+    compute_s: float
+    pull_s: float
+    load_s: float
+    columns: int
+    backend: str
+    worker: str
+    error_estimate: float
+    rtol_met: bool
+
+
+class RunStatus(TypedDict):
+    """The status of a run (``RunHandle.status()``, status.json, the page, the gauges)."""
+
+    run_id: str
+    status: str  # "running" | "finished" | "failed"
+    step: int
+    n_steps: int
+    epoch: int  # completed epochs
+    epochs: int
+    loss: float | None  # mean loss of the last step
+    history: list[float]  # per-epoch mean loss
+    steps_per_s: float | None
+    error: str | None
+    n: int
+    S: int
+    n_shards: int
+    batch_size: int
+    steps_per_epoch: int
+    grad_norm: float | None
+    last_step_s: float | None
+    mean_step_s: float | None
+    mean_compute_s: float | None
+    shard_timings: list[ShardTiming]
+    shard_restarts: list[int]
+    started: float  # time.time() when the run was created
+    elapsed_s: float
+    eta_s: float | None
+    checkpoint: str | None  # checkpoint file on the scheduler, or None
+    checkpoint_step: int | None
+    resumed_from_step: int | None
+
+
+def status_from_wire(status: dict[str, Any]) -> RunStatus:
+    """The wire turns lists into tuples; give them back as lists."""
+    return {key: list(value) if isinstance(value, tuple) else value  # type: ignore[return-value]
+            for key, value in status.items()}

@@ -1,0 +1,209 @@
+"""The state of one training run on the parameter server, and its public status."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from diagode_dist.optim import Adam
+from diagode_dist.service.checkpoint import load_checkpoint
+from diagode_dist.service.protocol import RunSpec, RunStatus
+
+logger = logging.getLogger("diagode_dist.service.server")
+
+_RATE_WINDOW = 20  # steps over which steps_per_s is measured
+_TRACE_STEPS = 5000  # per-step losses kept for plots (the latest ones)
+
+
+@dataclass
+class Run:
+    """State of one training run, held by the server."""
+
+    spec: RunSpec
+    adam: Adam
+    theta: np.ndarray
+    opt_state: dict[str, Any]
+    step: int = 0
+    history: list[float] = field(default_factory=list)
+    epoch_loss_sum: float = 0.0
+    last_loss: float | None = None
+    grad_norm: float | None = None
+    status: str = "running"
+    error: str | None = None
+    pushes: dict[int, tuple[float, np.ndarray, int]] = field(default_factory=dict)
+    shard_timings: list[dict[str, float]] = field(default_factory=list)
+    shard_restarts: list[int] = field(default_factory=list)
+    death_step: dict[int, int] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    ended: float | None = None
+    step_started: float = field(default_factory=time.monotonic)
+    step_done_times: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=_RATE_WINDOW + 1))
+    last_step_s: float | None = None
+    loss_trace: collections.deque = field(  # (steps done, mean loss of that step)
+        default_factory=lambda: collections.deque(maxlen=_TRACE_STEPS))
+    timed_steps: int = 0  # steps after the first (which includes start-up), for the means
+    timed_wall_s: float = 0.0
+    timed_compute_s: float = 0.0  # slowest shard's compute time, summed over timed steps
+    resumed_from_step: int | None = None
+    checkpoint_step: int | None = None
+    checkpoint_path: str | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    ended_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def run_id(self) -> str:
+        return self.spec.run_id
+
+    @property
+    def n_shards(self) -> int:
+        return self.spec.n_shards
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.spec.steps_per_epoch
+
+    @property
+    def n_steps(self) -> int:
+        return self.spec.n_steps
+
+    @classmethod
+    def create(cls, spec: RunSpec, theta0: np.ndarray, path: str | None) -> Run:
+        """A new run at step 0, or resumed from the checkpoint at ``path``."""
+        options = spec.options
+        adam = Adam(lr=options.lr, weight_decay=options.weight_decay, clamp=options.clamp)
+        run = cls(spec=spec, adam=adam, theta=theta0, opt_state=adam.init(theta0),
+                   shard_timings=[{} for _ in range(spec.n_shards)],
+                   shard_restarts=[0] * spec.n_shards, checkpoint_path=path)
+        if spec.resume and path is not None:
+            if os.path.exists(path):
+                run.restore(path)
+            else:
+                logger.warning("diagode run %s: resume=True but no checkpoint at %s; starting "
+                               "from theta0", spec.run_id, path)
+        return run
+
+    def notify(self) -> None:
+        """Wake every waiter (pull / wait) on this run; later waiters get a fresh event."""
+        event, self.changed = self.changed, asyncio.Event()
+        event.set()
+
+    def apply_pushes(self) -> None:
+        """All shards are in: sum in shard order, one Adam step, advance the step."""
+        run = self
+        loss_sum, count, grad_sum = 0.0, 0, None
+        for shard in range(run.n_shards):
+            shard_loss, shard_grad, shard_count = run.pushes[shard]
+            loss_sum += shard_loss
+            count += shard_count
+            grad_sum = shard_grad if grad_sum is None else grad_sum + shard_grad
+        grad = grad_sum / count
+        # Adam.step is pure: the old theta may still be referenced by replies being sent.
+        run.theta, run.opt_state = run.adam.step(run.theta, grad, run.opt_state)
+        run.pushes = {}
+        run.last_loss = loss_sum / count
+        run.grad_norm = float(np.linalg.norm(grad))
+        run.epoch_loss_sum += loss_sum
+        run.step += 1
+        run.loss_trace.append((run.step, run.last_loss))
+        if run.step % run.steps_per_epoch == 0:
+            run.history.append(run.epoch_loss_sum / run.spec.S)
+            run.epoch_loss_sum = 0.0
+        now = time.monotonic()
+        run.last_step_s = now - run.step_started
+        run.step_started = now
+        if run.step > 1 and run.resumed_from_step != run.step - 1:
+            run.timed_steps += 1
+            run.timed_wall_s += run.last_step_s
+            run.timed_compute_s += max(t.get("compute_s", 0.0) for t in run.shard_timings)
+        run.step_done_times.append(now)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint records besides theta and the Adam state (JSON-plain)."""
+        spec, options = self.spec, self.spec.options
+        return {"run_id": spec.run_id, "n": spec.n, "S": spec.S, "n_shards": spec.n_shards,
+                "batch_size": options.batch_size, "seed": options.seed,
+                "epochs": options.epochs, "steps_per_epoch": spec.steps_per_epoch,
+                "lr": options.lr, "weight_decay": options.weight_decay,
+                "clamp": list(options.clamp) if options.clamp is not None else None,
+                "step": self.step, "epoch": self.step // self.steps_per_epoch,
+                "history": list(self.history), "epoch_loss_sum": self.epoch_loss_sum,
+                "last_loss": self.last_loss, "written": time.time()}
+
+    def restore(self, path: str) -> None:
+        """Continue from the checkpoint at ``path``; ValueError if it belongs elsewhere."""
+        run = self
+        theta, state, meta = load_checkpoint(path)
+        spec = run.spec
+        mine = {"n": spec.n, "S": spec.S, "batch_size": spec.options.batch_size,
+                "seed": spec.options.seed}
+        for name, value in mine.items():
+            if meta[name] != value:
+                raise ValueError(f"resume: checkpoint {path} has {name}={meta[name]}, this run "
+                                 f"has {name}={value}")
+        if meta["steps_per_epoch"] != run.steps_per_epoch or meta["step"] > run.n_steps:
+            raise ValueError(f"resume: checkpoint {path} is at step {meta['step']}, beyond this "
+                             f"run's {run.n_steps} steps (epochs={spec.options.epochs})")
+        run.theta, run.opt_state = theta, state
+        run.step = run.resumed_from_step = run.checkpoint_step = int(meta["step"])
+        run.history = [float(h) for h in meta["history"]]
+        run.epoch_loss_sum = float(meta["epoch_loss_sum"])
+        run.last_loss = meta["last_loss"]
+        logger.info("diagode run %s: resumed from %s at step %d", run.run_id, path, run.step)
+
+
+def status_of(run: Run) -> RunStatus:
+    """The run's public status (what RunHandle.status(), the page and the gauges show)."""
+    times = run.step_done_times
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and \
+        times[-1] > times[0] else None
+    remaining = run.n_steps - run.step
+    end = run.ended if run.ended is not None else time.time()
+    return {
+        "run_id": run.run_id,
+        "status": run.status,
+        "step": run.step,
+        "n_steps": run.n_steps,
+        "epoch": run.step // run.steps_per_epoch,
+        "epochs": run.spec.options.epochs,
+        "loss": run.last_loss,
+        "history": list(run.history),
+        "steps_per_s": rate,
+        "error": run.error,
+        "n": run.spec.n,
+        "S": run.spec.S,
+        "n_shards": run.n_shards,
+        "batch_size": run.spec.options.batch_size,
+        "steps_per_epoch": run.steps_per_epoch,
+        "grad_norm": run.grad_norm,
+        "last_step_s": run.last_step_s,
+        "mean_step_s": run.timed_wall_s / run.timed_steps if run.timed_steps else None,
+        "mean_compute_s": (run.timed_compute_s / run.timed_steps if run.timed_steps
+                           else None),
+        "shard_timings": [dict(t) for t in run.shard_timings],
+        "shard_restarts": list(run.shard_restarts),
+        "started": run.created,
+        "elapsed_s": end - run.created,
+        "eta_s": remaining / rate if rate and run.status == "running" else None,
+        "checkpoint": run.checkpoint_path,
+        "checkpoint_step": run.checkpoint_step,
+        "resumed_from_step": run.resumed_from_step,
+    }
+
+
+def checked_theta0(theta0: Any, n: int) -> np.ndarray:
+    """theta0 as received: a finite float64 vector of length n."""
+    theta = np.asarray(theta0) if isinstance(theta0, np.ndarray) else None
+    if theta is None or theta.dtype.kind != "f" or theta.shape != (n,):
+        raise ValueError(f"theta0 must be a float array of shape ({n},), got "
+                         f"{getattr(theta0, 'shape', type(theta0).__name__)}")
+    if not np.isfinite(theta).all():
+        raise ValueError("theta0 contains NaN or inf")
+    return np.array(theta, dtype=np.float64)
