@@ -177,6 +177,7 @@ def test_32x32_grid_against_a_tight_run(grid_1024, k):
     _assert_within(loss, grad, tight_loss, tight_grad)
 
 
+@pytest.mark.slow
 def test_32x32_grid_against_the_dense_reference(grid_1024):
     """The issue's n = 1024 case against the exact reference: one 2052-square expm (4-20 s)."""
     A0, F, labels, theta, prob = grid_1024

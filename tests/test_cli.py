@@ -288,6 +288,7 @@ def test_write_outputs_refuses_a_file_as_folder(tmp_path):
 # ---- the real subcommands, end to end ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     import diagode_dist as dd
 
@@ -308,6 +309,7 @@ def test_demo_end_to_end(tmp_path):
     assert summary["steps"] == 4 and summary["problem"]["n"] == 64
 
 
+@pytest.mark.slow
 def test_train_end_to_end_on_an_embedded_cluster(tmp_path):
     arrays = _write_problem(tmp_path / "data")
     config = _write_config(tmp_path / "data", extra='[output]\ndir = "../results"\n')
@@ -320,6 +322,7 @@ def test_train_end_to_end_on_an_embedded_cluster(tmp_path):
     assert (out / "checkpoints").is_dir()
 
 
+@pytest.mark.slow
 def test_train_dense_operator_with_out_flag(tmp_path):
     arrays = _write_problem(tmp_path, sparse=False)
     config = _write_config(tmp_path, a0_name="A0.npy", n_shards=2, param='"exp"', epochs=1)
@@ -344,6 +347,7 @@ def scheduler_address():
         yield cluster.scheduler_address
 
 
+@pytest.mark.slow
 def test_train_detach_status_result_on_a_running_scheduler(tmp_path, scheduler_address):
     arrays = _write_problem(tmp_path)
     config = _write_config(tmp_path)

@@ -29,6 +29,7 @@ def _is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 2000
 
 
+@pytest.mark.slow
 def test_synthetic_demo(tmp_path):
     stdout, summary = run_example("synthetic_demo.py", tmp_path)
     assert _is_png(tmp_path / "loss.png")
@@ -39,6 +40,7 @@ def test_synthetic_demo(tmp_path):
     assert summary["history"][-1] < summary["history"][0]
 
 
+@pytest.mark.slow
 def test_reaction_diffusion_inverse(tmp_path):
     stdout, summary = run_example("reaction_diffusion_inverse.py", tmp_path)
     assert _is_png(tmp_path / "field.png")
@@ -51,6 +53,7 @@ def test_reaction_diffusion_inverse(tmp_path):
     assert float(lines[-1].split(",")[1]) < float(lines[1].split(",")[1])
 
 
+@pytest.mark.slow
 def test_fit_trajectories(tmp_path):
     stdout, summary = run_example("fit_trajectories.py", tmp_path)
     assert _is_png(tmp_path / "fit.png")

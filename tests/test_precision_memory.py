@@ -172,6 +172,7 @@ def test_chunk_peak_within_prediction(monkeypatch, n, k, T, c):
         f"peak {peak} B > predicted {predicted} B ({peak / predicted:.2f}x); info {info}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [30, 10], ids=["k30-bases-kept", "k10-bases-rebuilt"])
 def test_default_chunks_fit_the_memory_budget(monkeypatch, k):
     """A problem 'larger than memory': budget = 2 x predict(n, 4, k) gives chunks of 4 columns,

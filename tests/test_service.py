@@ -72,6 +72,7 @@ def test_matches_single_process_fit_with_more_shards_than_threads(client, prob, 
     assert not np.array_equal(theta, np.zeros(prob.n))  # it trained
 
 
+@pytest.mark.slow
 def test_same_bits_whatever_the_number_of_workers(client, prob):
     theta_two, hist_two = fit_distributed(client, prob, np.zeros(prob.n), n_shards=3, **TRAIN)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
@@ -82,6 +83,7 @@ def test_same_bits_whatever_the_number_of_workers(client, prob):
     assert hist_one == hist_two
 
 
+@pytest.mark.slow
 def test_files_give_the_same_bits_as_memory(client, prob, tmp_path):
     files = _files(tmp_path, prob, sparse=True)
     from_files = fit_distributed(client, files, np.zeros(prob.n), n_shards=2, **TRAIN)
@@ -92,6 +94,7 @@ def test_files_give_the_same_bits_as_memory(client, prob, tmp_path):
                                           **TRAIN)[0], from_memory[0])
 
 
+@pytest.mark.slow
 def test_status_fields_and_progress(client, prob):
     seen = []
     run = submit(client, prob, np.zeros(prob.n), n_shards=2, run_id="status-check", **TRAIN)
@@ -169,6 +172,7 @@ def test_duplicate_run_id_is_refused(client, prob):
 
 # ---- checkpoints --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_ends_at_the_same_bits(client, prob, tmp_path):
     options = {**TRAIN, "epochs": 10}
     theta_ref, history_ref = fit_distributed(client, prob, np.zeros(prob.n), n_shards=2,

@@ -65,6 +65,7 @@ def _kill_worker_running(client, key) -> int:
     return pid
 
 
+@pytest.mark.slow
 def test_sigkill_a_worker_mid_run_gives_the_same_bits(client, prob, undisturbed):
     run = submit(client, prob, np.zeros(prob.n), n_shards=3, **TRAIN)
     _wait_for_step(run, 6)
@@ -77,6 +78,7 @@ def test_sigkill_a_worker_mid_run_gives_the_same_bits(client, prob, undisturbed)
     assert history == undisturbed[1]
 
 
+@pytest.mark.slow
 def test_repeated_deaths_with_progress_do_not_exhaust_allowed_failures(client, prob,
                                                                        undisturbed):
     run = submit(client, prob, np.zeros(prob.n), n_shards=3, **TRAIN)
@@ -102,6 +104,7 @@ class StallingParam(dd.SoftplusParam):
         return super().diag_from_theta(theta)
 
 
+@pytest.mark.slow
 def test_a_stuck_shard_fails_the_run_after_step_timeout(client, prob):
     started = time.monotonic()
     run = submit(client, prob, np.zeros(prob.n), param=StallingParam(4.0), n_shards=2,
@@ -218,6 +221,7 @@ def test_a_shard_that_never_pushes_times_out(client):
     assert math.isclose(status["steps_per_s"] or 0.0, 0.0)  # no step ever completed
 
 
+@pytest.mark.slow
 def test_client_restart_fails_running_runs_clearly(client, prob):
     run = submit(client, prob, np.zeros(prob.n), n_shards=2, **TRAIN)
     _wait_for_step(run, 2)

@@ -126,6 +126,7 @@ def stiff_laplacian():
     return A0, F, labels, theta, reference_loss_and_grad(A0, F, labels, 1.0, 10.0, theta)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("symmetric", [None, False], ids=["lanczos", "arnoldi"])
 @pytest.mark.parametrize("k", [30, 10])
 def test_stiff_laplacian_lanczos_and_arnoldi_within_10_rtol(stiff_laplacian, symmetric, k):

@@ -31,6 +31,7 @@ def security(tmp_path_factory):
     return distributed.Security(tls_ca_file=str(cert), require_encryption=True, **files)
 
 
+@pytest.mark.slow
 def test_training_over_tls_matches_fit(security):
     prob = dd.demo_problem(n=32, S=16, seed=3)
     theta0 = np.zeros(prob.n)
