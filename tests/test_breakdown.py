@@ -1,6 +1,6 @@
 """Happy breakdown: an invariant Krylov space gives the exact answer and the column stays in.
 
-Cases (DESIGN.md section 2): A0 = 0 (diagonal A), a forcing column that is an eigenvector of A,
+Cases: A0 = 0 (diagonal A), a forcing column that is an eigenvector of A,
 and a zero forcing column.  Each is compared with the exact dense reference, and the loss must be
 the mean over ALL columns (the seed package dropped such columns).
 """

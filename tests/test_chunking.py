@@ -1,4 +1,4 @@
-"""Chunk independence and determinism (DESIGN.md section 4).
+"""Chunk independence and determinism.
 
 Truncation is decided per column, so splitting the columns into chunks of 1, 3 or S changes
 nothing but the summation order; and the same call twice gives the same floats.

@@ -88,7 +88,7 @@ class NVMLError_LibraryNotFound(NVMLError):  # noqa: N801 - pynvml's spelling
 
 def _dask_cuda_without_driver(raises: BaseException, calls: list):
     """A dask_cuda module whose LocalCUDACluster fails the way it does on a machine without a
-    usable GPU driver (FIELD-NOTES: NVMLError_LibraryNotFound), recording its arguments."""
+    usable GPU driver (NVMLError_LibraryNotFound), recording its arguments."""
     module = types.ModuleType("dask_cuda")
 
     def LocalCUDACluster(**kwargs):  # noqa: N802 - dask_cuda's name

@@ -1,4 +1,4 @@
-"""Initial states, observation times, MSE and user losses (issue 5, "More of the problem").
+"""Initial states, observation times, MSE and user losses.
 
 First the dense reference of ``reference_obs`` is checked against finite differences of a
 loss computed with plain ``expm`` (and against ``reference.py`` where both apply); then the
@@ -19,7 +19,7 @@ import diagode_dist as dd
 
 T = 2.0
 TIMES = [0.5, 1.0, 2.0]
-GRAD_RTOL = 1e-8  # the issue's bound on gradient errors against the reference and FD
+GRAD_RTOL = 1e-8  # the bound on gradient errors against the reference and FD
 
 
 def _xp(a):

@@ -1,4 +1,4 @@
-"""float32 accuracy against float64, and the memory of a chunk (issue 5).
+"""float32 accuracy against float64, and the memory of a chunk.
 
 float32 is the GPU opt-in; on the CPU a problem built from float32 arrays runs the very same
 code (one numerics path over the array module), so its accuracy is tested here and on the GPU

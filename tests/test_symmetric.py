@@ -1,4 +1,4 @@
-"""Symmetric A0: detection, the Lanczos path, and its accuracy (issue 5).
+"""Symmetric A0: detection, the Lanczos path, and its accuracy.
 
 For a symmetric A0 the forward projection (from x0 = 0, whose augmented Krylov space is
 e_{n+1} plus the Krylov space of A on f) and the adjoint projection are Lanczos: each new

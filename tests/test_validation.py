@@ -1,4 +1,4 @@
-"""Bad input raises a clear ValueError / TypeError that names the argument (issue 2)."""
+"""Bad input raises a clear ValueError / TypeError that names the argument."""
 
 from __future__ import annotations
 
