@@ -110,6 +110,7 @@ def test_stiff_case_is_as_described():
 # ---- peers (the bench extra) ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torch_peers_agree_with_the_reference():
     pytest.importorskip("torch")
     pytest.importorskip("torchdiffeq")
