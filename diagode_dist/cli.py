@@ -55,8 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # one line, whatever was running
+        print(f"{PROG}: interrupted" + (f": {interrupt}" if str(interrupt) else ""),
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except _USER_ERRORS as err:
         if args.traceback:
@@ -405,15 +406,21 @@ def _follow(run, quiet: bool, session, args: argparse.Namespace | None = None):
             return _wait(run, quiet, interrupted)
         except KeyboardInterrupt:
             if session.external:
-                print(f"{PROG}: run {run.run_id} goes on on the scheduler; follow it with "
-                      f"`{PROG} status {run.run_id} {_scheduler_flag(args)}`", file=sys.stderr)
-            else:  # the cluster closes with this command: end the run first, quietly
-                with contextlib.suppress(Exception):
-                    run.cancel("interrupted (Ctrl-C) by the user")
-                from diagode_dist.service.session import let_tasks_finish
+                raise KeyboardInterrupt(
+                    f"run {run.run_id} goes on on the scheduler; follow it with `{PROG} status "
+                    f"{run.run_id} {_scheduler_flag(args)}`") from None
+            # The cluster closes with this command: end the run first, quietly (its cancel and
+            # Dask's shutdown messages are expected, not news).
+            for name, level in (("diagode_dist.service", logging.WARNING),
+                                ("distributed", logging.CRITICAL)):
+                logging.getLogger(name).setLevel(level)
+            step = "?"
+            with contextlib.suppress(Exception):
+                step = run.cancel("interrupted (Ctrl-C) by the user")["step"]
+            from diagode_dist.service.session import let_tasks_finish
 
-                let_tasks_finish(session.client, timeout=5.0)
-            raise
+            let_tasks_finish(session.client, timeout=5.0)
+            raise KeyboardInterrupt(f"run {run.run_id} cancelled at step {step}") from None
 
 
 def _wait(run, quiet: bool, interrupted: threading.Event):

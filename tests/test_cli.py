@@ -7,6 +7,7 @@ against the single-process trainer ``dd.fit`` on the same data and options.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -339,15 +340,11 @@ def _exp_param():
 
 
 @pytest.fixture
-def scheduler_address():
-    """A LocalCluster of 2 single-thread worker processes, as a scheduler to attach to."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster:
-        yield cluster.scheduler_address
+def scheduler_address(cluster):
+    """The module's LocalCluster (2 single-thread worker processes), as a scheduler to attach to."""
+    return cluster.scheduler_address
 
 
-@pytest.mark.slow
 def test_train_detach_status_result_on_a_running_scheduler(tmp_path, scheduler_address):
     arrays = _write_problem(tmp_path)
     config = _write_config(tmp_path)
@@ -427,3 +424,29 @@ def test_ctrl_c_leaves_the_run_going_on_a_running_scheduler(tmp_path, scheduler_
          "--out", str(tmp_path / "later"))
     theta_ref, history_ref = _fit_reference(arrays, epochs=10)
     _check_outputs(tmp_path / "later", theta_ref, history_ref)
+
+
+def test_ctrl_c_on_an_embedded_cluster_prints_one_line_and_no_tracebacks(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group: the command and its workers."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diagode_dist.cli", "demo", "--cpu", "--workers", "2",
+         "--n", "64", "--S", "16", "--batch-size", "4", "--epochs", "5000", "--log-every", "1",
+         "--quiet", "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True)
+    try:
+        for line in process.stdout:  # wait until the run has taken a few steps
+            if re.search(r"step 3/20000", line):
+                break
+        os.killpg(process.pid, signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, rest
+    assert "Traceback" not in rest and "ERROR" not in rest, rest
+    lines = [line for line in rest.splitlines() if not re.search(r": step \d+/20000", line)]
+    assert len(lines) == 1 and re.fullmatch(
+        r"diagode-dist: interrupted: run \w+ cancelled at step \d+", lines[0]), rest
+    assert not (tmp_path / "out").exists()

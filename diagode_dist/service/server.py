@@ -243,7 +243,7 @@ class ParameterServer(SchedulerPlugin):
         if run is None:
             return None
         if run.status == "running":
-            self._fail(run, reason)
+            self._fail(run, reason, cancelled=True)
         return status_of(run)
 
     def list_runs(self) -> list[RunStatus]:
@@ -287,8 +287,11 @@ class ParameterServer(SchedulerPlugin):
 
         self._in_background(finish_after_write())
 
-    def _fail(self, run: Run, error: str) -> None:
-        logger.error("diagode run %s failed at step %d: %s", run.run_id, run.step, error)
+    def _fail(self, run: Run, error: str, cancelled: bool = False) -> None:
+        # A cancel is asked for: no error, and no noise for the one who asked.
+        (logger.info if cancelled else logger.error)(
+            "diagode run %s %s at step %d: %s", run.run_id,
+            "cancelled" if cancelled else "failed", run.step, error)
         run.error = error
         self._end(run, "failed")
 

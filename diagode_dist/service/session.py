@@ -18,6 +18,8 @@ import contextlib
 import dataclasses
 import numbers
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,10 +94,26 @@ def open_client(scheduler: str | None = None, scheduler_file: str | os.PathLike 
             yield Session(client, "slurm")
             let_tasks_finish(client)
         return
-    with local_cluster(n_workers=n_workers, gpu=gpu, **cluster_options) as cluster, \
-            Client(cluster) as client:
+    with _workers_ignore_sigint():
+        cluster = local_cluster(n_workers=n_workers, gpu=gpu, **cluster_options)
+    with cluster, Client(cluster) as client:
         yield Session(client, type(cluster).__name__)
         let_tasks_finish(client)
+
+
+@contextlib.contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored (they inherit it): a Ctrl-C in the terminal
+    reaches the whole process group, and it is this process's to handle (end the run, close
+    the cluster), not a KeyboardInterrupt traceback in every worker."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def let_tasks_finish(client: Client, timeout: float = 10.0) -> None:
