@@ -83,8 +83,11 @@ install() {
         wheels:*)
             local dir=${INSTALL#wheels:}
             compgen -G "$dir/*.whl" >/dev/null || { echo "no wheels in $dir"; return 1; }
-            "$PY" -m pip install -q --no-index --no-deps --no-compile "$dir"/*.whl \
-                && "$PY" -m pip install -q --no-deps --no-build-isolation -e . ;;
+            "$PY" -m pip install -q --no-index --no-deps --no-compile "$dir"/*.whl || return
+            # offline: no build isolation (it would download setuptools); without a usable
+            # setuptools/wheel the checkout is used from PYTHONPATH instead (see below)
+            "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+                || echo "pip install -e . failed: the project is used from the checkout" ;;
         none) echo "using the installed packages" ;;
     esac
 }
@@ -110,6 +113,12 @@ EOF
 }
 
 if [[ $INSTALL == none ]]; then skip_step install "--install none"; else step install 300 install; fi
+# Importable from anywhere, or else from the checkout (every step runs in its root; Dask's
+# worker processes inherit the path).
+if ! (cd / && "$PY" -c "import diagode_dist" 2>/dev/null); then
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    say "diagode_dist is not installed: using the checkout $PWD on PYTHONPATH"
+fi
 step environment 60 environment
 GPU_LINE=$("$PY" -m benchmarks.gpu_probes detect 2>&1 | tail -n 1)
 [[ $GPU_LINE == "GPU:"* || $GPU_LINE == "no GPU:"* ]] || GPU_LINE="no GPU: $GPU_LINE"
