@@ -12,8 +12,10 @@ CGS2 as written in ``diagode_dist.krylov`` (two passes of "project, then combine
     CGS2 = two passes:  bytes(m) = 8 c N (4 m + 10)
 
 so the basis is read four times per step (twice per pass). Over an Arnoldi sweep of k steps
-(m = 1..k): 8 c N (2 k (k+1) + 10 k). Flops of one step: 8 m c N (a multiply-add per read
-basis entry), i.e. about 0.25 flop/byte: far below any GPU's ridge point, hence memory-bound.
+(m = 1..k): 8 c N (2 k (k+1) + 10 k). A symmetric operator uses Lanczos: each step
+orthogonalises against the last two vectors only (m = min(j, 2)), so a k-step sweep moves
+8 c N (18 k - 4). Flops of one step: 8 m c N (a multiply-add per read basis entry), i.e. about
+0.25 flop/byte: far below any GPU's ridge point, hence memory-bound.
 The roofline is the device's measured copy bandwidth (a large device-to-device copy reads and
 writes each byte once: 2 x size bytes per copy).
 
@@ -42,6 +44,18 @@ def cgs2_step_bytes(c: int, N: int, m: int, itemsize: int = ITEMSIZE) -> int:
 def cgs2_sweep_bytes(c: int, N: int, k: int, itemsize: int = ITEMSIZE) -> int:
     """Bytes moved by the CGS2 steps of a k-step Arnoldi sweep (m = 1..k)."""
     return itemsize * c * N * (2 * k * (k + 1) + 10 * k)
+
+
+def lanczos_sweep_bytes(c: int, N: int, k: int, itemsize: int = ITEMSIZE) -> int:
+    """Bytes moved by the CGS2 steps of a k-step Lanczos sweep (m = min(j, 2), j = 1..k)."""
+    return itemsize * c * N * (18 * k - 4) if k > 0 else 0
+
+
+def sweep_bytes(c: int, N: int, k: int, symmetric: bool, itemsize: int = ITEMSIZE) -> int:
+    """CGS2 bytes of a k-step sweep: Lanczos when ``symmetric``, else Arnoldi."""
+    if symmetric:
+        return lanczos_sweep_bytes(c, N, k, itemsize)
+    return cgs2_sweep_bytes(c, N, k, itemsize)
 
 
 def cgs2_step_flops(c: int, N: int, m: int) -> int:
@@ -105,8 +119,9 @@ class SweepMeasurement:
 
 
 def cgs2_sweep(xp: Any, columns: int, state: int, steps: int, repeat: int = 3,
-               seed: int = 0) -> SweepMeasurement:
-    """Time the package's CGS2 over one Arnoldi sweep (m = 1..steps) on random data.
+               seed: int = 0, symmetric: bool = False) -> SweepMeasurement:
+    """Time the package's CGS2 over one Arnoldi sweep (m = 1..steps) on random data, or over
+    a Lanczos sweep (the last two vectors each step) when ``symmetric``.
 
     Uses ``diagode_dist.krylov._cgs2`` (the function the Arnoldi loop calls), on a basis of
     shape (steps, columns, state), the layout of ``krylov.arnoldi``. Values do not matter for
@@ -118,15 +133,18 @@ def cgs2_sweep(xp: Any, columns: int, state: int, steps: int, repeat: int = 3,
     basis = rng.standard_normal((steps, columns, state))
     w = rng.standard_normal((columns, state))
 
+    def first(m: int) -> int:
+        return max(0, m - 2) if symmetric else 0
+
     def sweep() -> None:
         for m in range(1, steps + 1):
-            krylov._cgs2(basis[:m], w)
+            krylov._cgs2(basis[first(m):m], w)
 
     seconds = _best_time(sweep, _synchronizer(xp), repeat)
     return SweepMeasurement(
         columns=columns, state=state, steps=steps, seconds=seconds,
-        bytes=cgs2_sweep_bytes(columns, state, steps),
-        flops=sum(cgs2_step_flops(columns, state, m) for m in range(1, steps + 1)),
+        bytes=sweep_bytes(columns, state, steps, symmetric),
+        flops=sum(cgs2_step_flops(columns, state, m - first(m)) for m in range(1, steps + 1)),
     )
 
 
@@ -184,12 +202,14 @@ def _device_problem(cp: Any, host: SimpleNamespace):
 
 @dataclass
 class GradientTiming:
-    """Our gradient on the device: S used, median seconds, info dict, gradient (host)."""
+    """Our gradient on the device: S used, median seconds, info dict, gradient (host), and
+    whether its Krylov sweeps were Lanczos (symmetric A0, zero start)."""
 
     host: SimpleNamespace
     seconds: float
     info: dict
     grad: Any
+    symmetric: bool = False
 
 
 def _time_gradient(cp: Any, host: SimpleNamespace, k: int, repeat: int) -> GradientTiming:
@@ -206,7 +226,9 @@ def _time_gradient(cp: Any, host: SimpleNamespace, k: int, repeat: int) -> Gradi
         dd.loss_and_grad(prob, theta, k=k)
         sync()
         times.append(time.perf_counter() - start)
-    return GradientTiming(host, sorted(times)[len(times) // 2], info, cp.asnumpy(grad))
+    symmetric = bool(getattr(prob, "symmetric", False)) and prob.x0 is None
+    return GradientTiming(host, sorted(times)[len(times) // 2], info, cp.asnumpy(grad),
+                          symmetric)
 
 
 def _fit_gradient(cp: Any, k: int, repeat: int, log: Callable[[str], None]) -> GradientTiming:
@@ -222,14 +244,17 @@ def _fit_gradient(cp: Any, k: int, repeat: int, log: Callable[[str], None]) -> G
     raise RuntimeError(f"not even S={GPU_COLUMNS[-1]} fits on the device")
 
 
-def _ortho_bytes(S: int, n: int, info: dict) -> int:
+def _ortho_bytes(S: int, n: int, info: dict, symmetric: bool = False) -> int:
     """CGS2 bytes of one gradient, from the dimensions it used: forward sweeps on N = n+1 and
-    adjoint sweeps on N = n, one of each per sub-step. An upper bound: columns that converge
-    earlier stop earlier. (Forward bases rebuilt for the adjoint when they do not fit in memory
-    would add another forward sweep.)"""
-    steps = int(info["substeps"])
-    return steps * (cgs2_sweep_bytes(S, n + 1, int(info["forward_dim"]))
-                    + cgs2_sweep_bytes(S, n, int(info["adjoint_dim"])))
+    adjoint sweeps on N = n, one of each per sub-step. With a symmetric A0 (and x0 = 0) the
+    first forward sweep (from the zero state) and every adjoint sweep are Lanczos, the later
+    forward sweeps Arnoldi. An upper bound: columns that converge earlier stop earlier.
+    (Forward bases rebuilt for the adjoint when they do not fit in memory would add another
+    forward sweep.)"""
+    steps, fdim, adim = int(info["substeps"]), int(info["forward_dim"]), int(info["adjoint_dim"])
+    forward = (sweep_bytes(S, n + 1, fdim, symmetric)
+               + (steps - 1) * cgs2_sweep_bytes(S, n + 1, fdim))
+    return forward + steps * sweep_bytes(S, n, adim, symmetric)
 
 
 def _torch_peer_cells(ours: GradientTiming, budget: float, log: Callable[[str], None]):
@@ -283,16 +308,20 @@ def gpu_report(repeat: int = 3, markdown: bool = False, k: int = 30, budget: flo
     free, total = cp.cuda.runtime.memGetInfo()
     # 0.3: matmul on the transposed basis views may make contiguous copies of them
     columns = columns_that_fit(free, n + 1, int(info["forward_dim"]) + 1, S, fraction=0.3)
-    log(f"[gpu] CGS2 sweep c={columns} N={n + 1} m=1..{info['forward_dim']} ...")
-    sweep = cgs2_sweep(cp, columns, n + 1, int(info["forward_dim"]), repeat=repeat)
+    kind = "Lanczos" if ours.symmetric else "Arnoldi"
+    log(f"[gpu] CGS2 {kind} sweep c={columns} N={n + 1} m=1..{info['forward_dim']} ...")
+    sweep = cgs2_sweep(cp, columns, n + 1, int(info["forward_dim"]), repeat=repeat,
+                       symmetric=ours.symmetric)
     cp.get_default_memory_pool().free_all_blocks()
-    ortho = _ortho_bytes(S, n, info)
+    ortho = _ortho_bytes(S, n, info, ours.symmetric)
     lines = [
         f"{bullet}device: {_device_name(cp)}, {total / 2**30:.0f} GiB",
         f"{bullet}measured copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s; "
         f"measured float64 GEMM: {peak_flops / 1e12:.1f} TFLOP/s",
-        f"{bullet}byte count of CGS2 per Arnoldi step (c columns, state N, m basis vectors): "
-        "8 c N (4 m + 10); per k-step sweep 8 c N (2 k (k+1) + 10 k)",
+        f"{bullet}byte count of CGS2 per step (c columns, state N, m basis vectors): "
+        "8 c N (4 m + 10); per k-step sweep 8 c N (2 k (k+1) + 10 k) with Arnoldi, "
+        "8 c N (18 k - 4) with Lanczos (m <= 2)",
+        f"{bullet}this problem: {kind} (A0 {'' if ours.symmetric else 'not '}symmetric)",
         "",
     ]
     header = ("what", "n", "S / c", "Krylov dims", "time [s]", "bytes (CGS2)", "GB/s",
@@ -303,7 +332,7 @@ def gpu_report(repeat: int = 3, markdown: bool = False, k: int = 30, budget: flo
          f"{ours.seconds:.3g}", f"{ortho:.3g}",
          f"{ortho / ours.seconds / 1e9:.0f} (if CGS2 only)",
          f"CGS2 share at sweep BW: {ortho / sweep.bytes_per_s / ours.seconds:.0%}", "-", "-"],
-        ["CGS2 sweep alone (krylov._cgs2, best)", str(n + 1), str(columns),
+        [f"CGS2 {kind} sweep alone (krylov._cgs2, best)", str(n + 1), str(columns),
          f"m = 1..{sweep.steps}", f"{sweep.seconds:.3g}", f"{sweep.bytes:.3g}",
          f"{sweep.bytes_per_s / 1e9:.0f}", f"{sweep.bytes_per_s / bandwidth:.0%}",
          f"{sweep.flops_per_s / 1e9:.0f}", f"{sweep.flops_per_s / peak_flops:.1%}"],

@@ -244,3 +244,45 @@ def test_cgs2_sweep_runs_on_numpy():
     sweep = roofline.cgs2_sweep(np, columns=4, state=300, steps=5, repeat=1)
     assert sweep.bytes == roofline.cgs2_sweep_bytes(4, 300, 5)
     assert sweep.seconds > 0 and sweep.bytes_per_s > 0
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["arnoldi", "lanczos"])
+def test_sweep_byte_model_counts_the_vectors_arnoldi_orthogonalises_against(symmetric,
+                                                                           monkeypatch):
+    """The model against the package's own sweep: every _cgs2 call's basis size, recorded."""
+    from diagode_dist import krylov
+
+    c, N, k = 3, 40, 9
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((N, N))
+    A = A + A.T if symmetric else A
+    sizes = []
+    original = krylov._cgs2
+
+    def recording(basis, w):
+        sizes.append(basis.shape[0])
+        return original(basis, w)
+
+    monkeypatch.setattr(krylov, "_cgs2", recording)
+    krylov.arnoldi(lambda v: v @ A.T, rng.standard_normal((c, N)), k, symmetric=symmetric)
+    assert len(sizes) == k
+    counted = sum(roofline.cgs2_step_bytes(c, N, m) for m in sizes)
+    assert roofline.sweep_bytes(c, N, k, symmetric) == counted
+    measured = roofline.cgs2_sweep(np, columns=c, state=N, steps=k, repeat=1,
+                                   symmetric=symmetric)
+    assert measured.bytes == counted
+
+
+def test_gradient_byte_count_uses_lanczos_where_the_package_does():
+    info = {"substeps": 2, "forward_dim": 20, "adjoint_dim": 16}
+    S, n = 8, 1000
+    arnoldi = roofline._ortho_bytes(S, n, info, symmetric=False)
+    lanczos = roofline._ortho_bytes(S, n, info, symmetric=True)
+    assert arnoldi == 2 * (roofline.cgs2_sweep_bytes(S, n + 1, 20)
+                           + roofline.cgs2_sweep_bytes(S, n, 16))
+    # first forward sweep (zero start) and both adjoint sweeps Lanczos, second forward Arnoldi
+    assert lanczos == (roofline.lanczos_sweep_bytes(S, n + 1, 20)
+                       + roofline.cgs2_sweep_bytes(S, n + 1, 20)
+                       + 2 * roofline.lanczos_sweep_bytes(S, n, 16))
+    one = {**info, "substeps": 1}  # one sub-step: Lanczos throughout, 4x fewer bytes at k ~ 20
+    assert roofline._ortho_bytes(S, n, one, True) < 0.3 * roofline._ortho_bytes(S, n, one, False)
