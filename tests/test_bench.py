@@ -286,3 +286,19 @@ def test_gradient_byte_count_uses_lanczos_where_the_package_does():
                        + 2 * roofline.lanczos_sweep_bytes(S, n, 16))
     one = {**info, "substeps": 1}  # one sub-step: Lanczos throughout, ~3x fewer bytes here
     assert roofline._ortho_bytes(S, n, one, True) < 0.4 * roofline._ortho_bytes(S, n, one, False)
+
+
+@pytest.mark.slow
+def test_service_benchmark_fills_its_table():
+    """``--service`` at toy sizes: three fresh LocalClusters, one row per case (no targets)."""
+    from benchmarks.service import bench_service, format_table
+
+    rows = bench_service(overhead_sizes=(1000,), overhead_shards=(2,), overhead_steps=4,
+                         speedup_n=32, speedup_S=8, speedup_steps=2)
+    assert [row["case"] for row in rows] == ["overhead (tiny compute)",
+                                             "compute-bound (demo problem)",
+                                             "compute-bound (demo problem)"]
+    assert all(row["ms_per_step"] > 0 and row["compute_ms"] > 0 for row in rows)
+    assert rows[-1]["speedup"] > 0 and isinstance(rows[-1]["met"], bool)
+    table = format_table(rows).splitlines()
+    assert table[0].startswith("| case | n | S |") and len(table) == 2 + len(rows)
