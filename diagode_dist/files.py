@@ -21,6 +21,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import scipy.io
+import scipy.sparse as sp
 
 from diagode_dist._checks import finite_real
 from diagode_dist.problem import Problem
@@ -129,16 +131,12 @@ class ProblemFiles:
         suffix = self.A0.suffix.lower()
         if suffix == ".npy":
             return np.load(self.A0, allow_pickle=False)
-        import scipy.sparse as sp
-
         if suffix == ".npz":
             try:
                 return sp.load_npz(self.A0).tocsr()
             except (ValueError, KeyError, zipfile.BadZipFile) as err:
                 raise ValueError(f"A0: {self.A0} is not a scipy.sparse.save_npz file "
                                  f"({err})") from None
-        import scipy.io
-
         A = scipy.io.mmread(self.A0)
         return sp.csr_matrix(A) if sp.issparse(A) else np.asarray(A)
 
@@ -232,8 +230,6 @@ def _operator_shape(path: Path) -> tuple[int, ...]:
                 return tuple(int(s) for s in members["shape"])
         except (KeyError, ValueError, zipfile.BadZipFile) as err:
             raise ValueError(f"A0: {path} is not a scipy.sparse.save_npz file ({err})") from None
-    import scipy.io
-
     try:
         rows, cols = scipy.io.mminfo(path)[:2]
     except Exception as err:  # scipy raises ValueError or its own parse errors

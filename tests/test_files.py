@@ -138,3 +138,41 @@ def test_paths_are_absolute_and_repr_names_them(paths, monkeypatch):
     assert files.F.is_absolute() and files.F == paths / "F.npy"
     assert "F.npy" in repr(files)
     assert files.operator_token()[1] == str(paths / "A0.npy")
+
+
+def _zarr(path, array, chunks):
+    zarr = pytest.importorskip("zarr")
+    stored = zarr.open_array(str(path), mode="w", shape=array.shape, chunks=chunks,
+                             dtype=array.dtype)
+    stored[...] = array
+    return path
+
+
+def test_zarr_columns_load_like_npy(paths, arrays):
+    A0, F, labels, x0 = arrays
+    files = ProblemFiles(paths / "A0.npy", _zarr(paths / "F.zarr", F, (N, 3)),
+                         _zarr(paths / "labels.zarr", labels, (3,)), T=1.5, beta=3.0,
+                         x0=_zarr(paths / "x0.zarr", x0, (N, 3))).validate()
+    assert (files.n, files.S) == (N, S)
+    for columns in (slice(2, 7), [0, 5, 8]):
+        got, want = files.load_shard(columns), dd.Problem(A0, F, labels, T=1.5, beta=3.0, x0=x0)
+        picked = np.arange(S)[columns]
+        assert np.array_equal(got.F, F[:, picked]) and np.array_equal(got.x0, x0[:, picked])
+        assert np.array_equal(np.asarray(got.labels), labels[picked])
+        theta = np.linspace(-0.5, 0.5, N)
+        assert dd.loss_grad_sums(got, theta)[0] == \
+            dd.loss_grad_sums(want.select(picked), theta)[0]
+
+
+def test_bad_zarr_inputs_name_the_argument(paths, arrays):
+    F = arrays[1]
+    (paths / "empty.zarr").mkdir()
+    with pytest.raises(ValueError, match=r"F: .*empty\.zarr is not a readable zarr array"):
+        ProblemFiles(paths / "A0.npy", paths / "empty.zarr", paths / "labels.npy").validate()
+    with pytest.raises(FileNotFoundError, match=r"x0: no such file: .*missing\.zarr"):
+        ProblemFiles(paths / "A0.npy", paths / "F.npy", paths / "labels.npy",
+                     x0=paths / "missing.zarr").validate()
+    short = _zarr(paths / "short.zarr", F[:, :4], (N, 2))
+    with pytest.raises(ValueError, match=r"x0 must have shape \(n, S\) = \(12, 9\)"):
+        ProblemFiles(paths / "A0.npy", paths / "F.npy", paths / "labels.npy",
+                     x0=short).validate()

@@ -16,6 +16,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import dask
+import psutil
 from dask.utils import parse_bytes
 from distributed import LocalCluster
 
@@ -327,8 +329,7 @@ def _cuda_slurm_job_class():
     dask-jobqueue always adds ``--death-timeout`` (from its config) unless that config is None,
     and ``dask cuda worker`` rejects the option; so build each job with it unset.
     """
-    import dask
-    from dask_jobqueue.slurm import SLURMJob
+    from dask_jobqueue.slurm import SLURMJob  # optional: the slurm extra
 
     class CUDASLURMJob(SLURMJob):
         def __init__(self, *args, **kwargs):
@@ -375,8 +376,6 @@ def _check_interface(interface) -> None:
         return
     if not isinstance(interface, str):
         raise TypeError(f"interface must be a str like 'ib0', got {type(interface).__name__}")
-    import psutil
-
     known = sorted(psutil.net_if_addrs())
     if interface not in known:
         raise ValueError(f"interface={interface!r} does not exist on this host "

@@ -97,33 +97,32 @@ class Run:
 
     def apply_pushes(self) -> None:
         """All shards are in: sum in shard order, one Adam step, advance the step."""
-        run = self
         loss_sum, count, grad_sum = 0.0, 0, None
-        for shard in range(run.n_shards):
-            shard_loss, shard_grad, shard_count = run.pushes[shard]
+        for shard in range(self.n_shards):
+            shard_loss, shard_grad, shard_count = self.pushes[shard]
             loss_sum += shard_loss
             count += shard_count
             grad_sum = shard_grad if grad_sum is None else grad_sum + shard_grad
         grad = grad_sum / count
         # Adam.step is pure: the old theta may still be referenced by replies being sent.
-        run.theta, run.opt_state = run.adam.step(run.theta, grad, run.opt_state)
-        run.pushes = {}
-        run.last_loss = loss_sum / count
-        run.grad_norm = float(np.linalg.norm(grad))
-        run.epoch_loss_sum += loss_sum
-        run.step += 1
-        run.loss_trace.append((run.step, run.last_loss))
-        if run.step % run.steps_per_epoch == 0:
-            run.history.append(run.epoch_loss_sum / run.spec.S)
-            run.epoch_loss_sum = 0.0
+        self.theta, self.opt_state = self.adam.step(self.theta, grad, self.opt_state)
+        self.pushes = {}
+        self.last_loss = loss_sum / count
+        self.grad_norm = float(np.linalg.norm(grad))
+        self.epoch_loss_sum += loss_sum
+        self.step += 1
+        self.loss_trace.append((self.step, self.last_loss))
+        if self.step % self.steps_per_epoch == 0:
+            self.history.append(self.epoch_loss_sum / self.spec.S)
+            self.epoch_loss_sum = 0.0
         now = time.monotonic()
-        run.last_step_s = now - run.step_started
-        run.step_started = now
-        if run.step > 1 and run.resumed_from_step != run.step - 1:
-            run.timed_steps += 1
-            run.timed_wall_s += run.last_step_s
-            run.timed_compute_s += max(t.get("compute_s", 0.0) for t in run.shard_timings)
-        run.step_done_times.append(now)
+        self.last_step_s = now - self.step_started
+        self.step_started = now
+        if self.step > 1 and self.resumed_from_step != self.step - 1:
+            self.timed_steps += 1
+            self.timed_wall_s += self.last_step_s
+            self.timed_compute_s += max(t.get("compute_s", 0.0) for t in self.shard_timings)
+        self.step_done_times.append(now)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """What a checkpoint records besides theta and the Adam state (JSON-plain)."""
@@ -139,24 +138,23 @@ class Run:
 
     def restore(self, path: str) -> None:
         """Continue from the checkpoint at ``path``; ValueError if it belongs elsewhere."""
-        run = self
         theta, state, meta = load_checkpoint(path)
-        spec = run.spec
+        spec = self.spec
         mine = {"n": spec.n, "S": spec.S, "batch_size": spec.options.batch_size,
                 "seed": spec.options.seed}
         for name, value in mine.items():
             if meta[name] != value:
                 raise ValueError(f"resume: checkpoint {path} has {name}={meta[name]}, this run "
                                  f"has {name}={value}")
-        if meta["steps_per_epoch"] != run.steps_per_epoch or meta["step"] > run.n_steps:
+        if meta["steps_per_epoch"] != self.steps_per_epoch or meta["step"] > self.n_steps:
             raise ValueError(f"resume: checkpoint {path} is at step {meta['step']}, beyond this "
-                             f"run's {run.n_steps} steps (epochs={spec.options.epochs})")
-        run.theta, run.opt_state = theta, state
-        run.step = run.resumed_from_step = run.checkpoint_step = int(meta["step"])
-        run.history = [float(h) for h in meta["history"]]
-        run.epoch_loss_sum = float(meta["epoch_loss_sum"])
-        run.last_loss = meta["last_loss"]
-        logger.info("diagode run %s: resumed from %s at step %d", run.run_id, path, run.step)
+                             f"run's {self.n_steps} steps (epochs={spec.options.epochs})")
+        self.theta, self.opt_state = theta, state
+        self.step = self.resumed_from_step = self.checkpoint_step = int(meta["step"])
+        self.history = [float(h) for h in meta["history"]]
+        self.epoch_loss_sum = float(meta["epoch_loss_sum"])
+        self.last_loss = meta["last_loss"]
+        logger.info("diagode run %s: resumed from %s at step %d", self.run_id, path, self.step)
 
 
 def status_of(run: Run) -> RunStatus:

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 from distributed import get_worker, secede
 from distributed.metrics import context_meter
 from distributed.protocol.serialize import ToPickle
@@ -195,8 +196,6 @@ def _aligned(A0):
     Arrays unpickled from a Dask message can start at any byte; NumPy then takes other
     (unaligned) loops whose last bits differ, which would make results depend on transport.
     """
-    import scipy.sparse as sp
-
     if sp.issparse(A0):
         buffers = (A0.data, A0.indices, A0.indptr)
         if all(b.flags.aligned for b in buffers):
