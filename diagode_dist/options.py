@@ -264,7 +264,8 @@ def add_option_flags(parser: argparse.ArgumentParser, defaults: TrainOptions | N
         flag = "--" + spec.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": f"option_{spec.name}", "type": _flag_type(spec),
                                   "help": spec.metadata["help"],
-                                  "metavar": spec.metadata["metavar"] or spec.name.upper()}
+                                  "metavar": spec.metadata["metavar"]
+                                  or ("N" if "int" in str(spec.type) else "X")}
         if spec.metadata["flag"] == "pair":
             kwargs.update(nargs=2, metavar=spec.metadata["metavar"])
         if spec.metadata["flag"] == "choice":

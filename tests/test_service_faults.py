@@ -202,6 +202,30 @@ def test_stale_and_duplicate_pushes_are_ignored(client):
     _call(client, "diagode_cancel", run_id="by-hand")
 
 
+def test_malformed_pushes_are_refused_without_touching_the_run(client):
+    _create(client, "malformed-push")
+    g = np.ones(5)
+
+    def push(**changes):
+        arguments = {"run_id": "malformed-push", "step": 0, "shard": 0, "loss_sum": 1.0,
+                     "grad_sum": ToPickle(g), "count": 2, "timings": {}, **changes}
+        return _call(client, "diagode_push", **arguments)
+
+    for changes, words in [({"step": "0"}, "step must be an int"),
+                           ({"shard": -1}, "shard must be an int >= 0"),
+                           ({"count": 2.5}, "count must be an int"),
+                           ({"loss_sum": "1"}, "loss_sum must be a number"),
+                           ({"grad_sum": [1.0] * 5}, "grad_sum must be a float array"),
+                           ({"timings": "fast"}, "timings must be a dict")]:
+        reply = push(**changes)
+        assert not reply["accepted"] and words in reply["error"], (changes, reply)
+    status = _call(client, "diagode_status", run_id="malformed-push")
+    assert status["status"] == "running" and status["step"] == 0
+    assert push()["accepted"] and push(shard=1)["accepted"]  # the real pushes still count
+    assert _call(client, "diagode_status", run_id="malformed-push")["step"] == 1
+    _call(client, "diagode_cancel", run_id="malformed-push")
+
+
 def test_non_finite_push_fails_the_run(client):
     _create(client, "nan-push")
     reply = _push(client, "nan-push", 0, 1, 1.0, [0.0, np.nan, 0.0, 0.0, 0.0], 1)

@@ -14,10 +14,13 @@ Nothing here imports Dask.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, TypedDict
+
+import numpy as np
 
 from diagode_dist.options import TrainOptions
 
@@ -163,6 +166,21 @@ class RunStatus(TypedDict):
     checkpoint: str | None  # checkpoint file on the scheduler, or None
     checkpoint_step: int | None
     resumed_from_step: int | None
+
+
+def push_problem(step: Any, shard: Any, loss_sum: Any, grad_sum: Any, count: Any,
+                 timings: Any) -> str | None:
+    """What is malformed in a push (``diagode_push``'s arguments), or None if nothing is."""
+    for name, value in (("step", step), ("shard", shard), ("count", count)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            return f"{name} must be an int >= 0, got {value!r}"
+    if isinstance(loss_sum, bool) or not isinstance(loss_sum, numbers.Real):
+        return f"loss_sum must be a number, got {type(loss_sum).__name__}"
+    if not isinstance(grad_sum, np.ndarray) or grad_sum.dtype.kind != "f":
+        return f"grad_sum must be a float array, got {type(grad_sum).__name__}"
+    if timings is not None and not isinstance(timings, dict):
+        return f"timings must be a dict, got {type(timings).__name__}"
+    return None
 
 
 def status_from_wire(status: dict[str, Any]) -> RunStatus:

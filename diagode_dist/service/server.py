@@ -45,6 +45,7 @@ from diagode_dist.service.protocol import (
     SHARD_PREFIX,
     RunSpec,
     RunStatus,
+    push_problem,
 )
 from diagode_dist.service.runs import Run, checked_theta0, status_of
 
@@ -191,6 +192,9 @@ class ParameterServer(SchedulerPlugin):
         run = self.runs.get(run_id)
         if run is None:
             return {"accepted": False, "status": "unknown"}
+        malformed = push_problem(step, shard, loss_sum, grad_sum, count, timings)
+        if malformed is not None:  # refused; the run is not touched
+            return {"accepted": False, "status": run.status, "error": malformed}
         if (run.status != "running" or step != run.step or step >= run.n_steps
                 or shard in run.pushes):
             return {"accepted": False, "status": run.status}
