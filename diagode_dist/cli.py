@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,10 @@ from diagode_dist.config import SlurmOptions, TrainConfig, check_slurm_options, 
 from diagode_dist.options import DEMO_OPTIONS, add_option_flags, options_from_flags
 from diagode_dist.problem import demo_problem
 from diagode_dist.report import write_outputs
+
+if TYPE_CHECKING:  # the service is imported by the commands that use it (see below)
+    from diagode_dist.service.protocol import RunStatus
+    from diagode_dist.service.session import Session
 
 __all__ = ["main"]
 
@@ -468,8 +472,8 @@ def _deferred_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _summary(command: str, run_id: str, status: dict[str, Any], seconds: float | None, session,
-             options: dict[str, Any], problem: dict[str, Any]) -> dict:
+def _summary(command: str, run_id: str, status: RunStatus, seconds: float | None,
+             session: Session, options: dict[str, Any], problem: dict[str, Any]) -> dict:
     history = list(status.get("history") or [])
     summary = {
         "command": command,

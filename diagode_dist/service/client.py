@@ -39,12 +39,13 @@ from diagode_dist.service.plugin import install
 from diagode_dist.service.protocol import (
     RunSpec,
     RunStatus,
+    ShardSpec,
     check_run_id,
     operator_key,
     shard_key,
     status_from_wire,
 )
-from diagode_dist.service.shard import ShardSpec, detach_operator, shard_columns, shard_loop
+from diagode_dist.service.shard import detach_operator, shard_columns, shard_loop
 
 __all__ = ["RunHandle", "submit", "attach", "list_runs", "fit_distributed"]
 
@@ -234,9 +235,7 @@ def _submit_shards(client: Client, problem, spec: RunSpec) -> None:
             problem = problem.to_device(np)  # host copy once (a no-op for NumPy problems)
             operator = client.submit(_same, problem.A0, key=operator_key(run_id), pure=False)
         for shard, (lo, hi) in enumerate(ranges):
-            shard_spec = ShardSpec(run_id=run_id, shard=shard, n_shards=n_shards, lo=lo, hi=hi,
-                                   S=spec.S, steps_per_epoch=spec.steps_per_epoch,
-                                   options=spec.options)
+            shard_spec = ShardSpec(run=spec, shard=shard, lo=lo, hi=hi)
             if isinstance(problem, Problem):
                 data = detach_operator(problem.select(np.arange(lo, hi)))
             elif isinstance(problem, DaskProblem):

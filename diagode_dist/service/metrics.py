@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 
+from diagode_dist.service.protocol import RunStatus
 from diagode_dist.service.server import get_server
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class RunCollector:
             families = _families()
         yield from families.values()
 
-    def _statuses(self) -> Iterator[dict]:
+    def _statuses(self) -> Iterator[RunStatus]:
         for scheduler in list(self._schedulers):
             if getattr(getattr(scheduler, "status", None), "name", "") in _CLOSED:
                 continue
@@ -129,7 +130,7 @@ def _families() -> dict[str, GaugeMetricFamily]:
     return families
 
 
-def _unique_runs(statuses: Iterable[dict]) -> Iterator[dict]:
+def _unique_runs(statuses: Iterable[RunStatus]) -> Iterator[RunStatus]:
     seen = set()
     for status in statuses:
         if status["run_id"] not in seen:
@@ -137,7 +138,7 @@ def _unique_runs(statuses: Iterable[dict]) -> Iterator[dict]:
             yield status
 
 
-def _add_run(families: dict[str, GaugeMetricFamily], status: dict) -> None:
+def _add_run(families: dict[str, GaugeMetricFamily], status: RunStatus) -> None:
     run_id = str(status["run_id"])
     history = status.get("history") or []
     values = {**status, "epoch_loss": history[-1] if history else None}

@@ -4,6 +4,7 @@
   the plain dict of ``to_wire()`` and is rebuilt there with ``from_wire()``, which checks every
   type and range again: a malformed call to the handler is refused before anything is
   registered.
+- ``ShardSpec``: a run's spec as one shard task gets it (with its columns).
 - ``RunStatus``: the status dict of a run, as ``RunHandle.status()``, ``/diagode/status.json``,
   the ``/metrics`` gauges, the training page and ``diagode-dist status`` see it.
 - Task keys and plugin names.
@@ -121,6 +122,33 @@ class RunSpec:
             raise ValueError(f"a run spec needs the keys {', '.join(_WIRE_KEYS)} (missing: "
                              f"{missing or 'none'}, unknown: {unknown or 'none'})")
         return cls(**{**data, "options": TrainOptions.from_wire(data["options"])})
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What one shard task needs besides its data: its run (options with the diagonal map
+    object as ``param``) and its global columns ``[lo, hi)``."""
+
+    run: RunSpec
+    shard: int
+    lo: int
+    hi: int
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    @property
+    def S(self) -> int:
+        return self.run.S
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.run.steps_per_epoch
+
+    @property
+    def options(self) -> TrainOptions:
+        return self.run.options
 
 
 class ShardTiming(TypedDict, total=False):

@@ -1,7 +1,8 @@
 """Shard workers: one long-running Dask task per shard, looping pull -> loss/gradient -> push.
 
 A shard owns the contiguous global columns ``[lo, hi)`` (``np.array_split`` of the columns into
-``n_shards`` parts). Its task (key ``("diagode-shard", run_id, shard)``):
+``n_shards`` parts, or one column chunk of a ``DaskProblem``'s F). Its task (key
+``("diagode-shard", run_id, shard)``):
 
 1. ``secede()``s first, so waiting for theta never holds a worker thread: more shards than
    threads cannot deadlock.
@@ -29,7 +30,6 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -41,26 +41,12 @@ from distributed.utils import sync
 from diagode_dist._array import gpu_available, is_sparse, sparse_to_module, to_module, to_numpy
 from diagode_dist.adjoint import loss_grad_sums
 from diagode_dist.files import ProblemFiles
-from diagode_dist.options import TrainOptions
 from diagode_dist.service.inputs import DaskShard
+from diagode_dist.service.protocol import ShardSpec
 from diagode_dist.train import epoch_batches
 
 _OPERATOR_CACHE_SIZE = 2  # A0s kept per worker process (host and device copies count apart)
 _PULL_TIMEOUT_S = 10.0  # a pull waits at most this long on the scheduler, then asks again
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """What one shard task needs to know besides its data (plain, picklable values)."""
-
-    run_id: str
-    shard: int
-    n_shards: int
-    lo: int  # first global column of the shard
-    hi: int  # one past the last
-    S: int  # columns in the whole problem
-    steps_per_epoch: int
-    options: TrainOptions  # with the diagonal map object as ``param``
 
 
 def shard_columns(S: int, n_shards: int) -> list[tuple[int, int]]:
