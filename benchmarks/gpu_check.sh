@@ -34,7 +34,7 @@ while [[ $# -gt 0 ]]; do
         --install) INSTALL=${2:?--install needs extra, wheels:DIR or none}; shift 2 ;;
         --install=*) INSTALL=${1#--install=}; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
     esac
 done
@@ -44,9 +44,10 @@ case $INSTALL in
        exit 64 ;;
 esac
 
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 64  # relative to the caller's folder
+[[ $INSTALL == wheels:* ]] && INSTALL=wheels:$(cd "${INSTALL#wheels:}" 2>/dev/null && pwd || echo "${INSTALL#wheels:}")
 cd "$(dirname "$0")/.." || exit 64
 export PY=${PYTHON:-python3} INSTALL
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 64
 rm -f "$OUT"/{report.json,report.md,gpu_check.log,probes.json,roofline.md,pytest-gpu.xml,steps.tsv,meta.json}
 LOG=$OUT/gpu_check.log
 STARTED=$(date +%s)
