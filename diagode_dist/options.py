@@ -169,13 +169,12 @@ class TrainOptions:
         """Options from ``to_wire``'s dict, checked as when built (unknown keys refused)."""
         if not isinstance(values, Mapping):
             raise TypeError(f"options must be a mapping, got {type(values).__name__}")
-        return with_options("options", None, dict(values), exclude=("param",))
+        return with_options("TrainOptions.from_wire", None, dict(values), exclude=("param",))
 
     def describe(self) -> dict[str, Any]:
         """Plain values of every option, ``param`` by name (for summaries)."""
-        values = {**self.to_wire(), "param": self.param if isinstance(self.param, str)
-                  else type(self.param).__name__}
-        return values
+        name = self.param if isinstance(self.param, str) else type(self.param).__name__
+        return {**self.to_wire(), "param": name}
 
 
 # The demo problem's options: the README, ``diagode-dist demo`` and deploy/local use these.

@@ -51,7 +51,7 @@ class Session:
         return len(self.client.scheduler_info().get("workers", {}))
 
     def describe(self) -> str:
-        """One line: cluster kind, workers, scheduler address, dashboard link."""
+        """Two lines: cluster kind, workers and scheduler address; the dashboard link."""
         return (f"cluster: {self.kind}, {self.n_workers} worker(s), scheduler "
                 f"{self.client.scheduler.address}\ndashboard: {self.client.dashboard_link}")
 
@@ -73,9 +73,15 @@ def open_client(scheduler: str | None = None, scheduler_file: str | os.PathLike 
         else per core).
     min_workers: on a running scheduler, wait up to ``worker_timeout`` s for that many workers.
     """
+    if slurm is not None and not isinstance(slurm, SlurmOptions):
+        raise TypeError(f"slurm must be SlurmOptions, got {type(slurm).__name__}")
     if scheduler is not None or scheduler_file is not None:
-        if slurm is not None:
-            raise ValueError("open_client: give a running scheduler or slurm options, not both")
+        started_here = {"slurm": slurm, "n_workers": n_workers, "slurm_logs": slurm_logs,
+                        **cluster_options}
+        given = sorted(name for name, value in started_here.items() if value is not None)
+        if given:
+            raise ValueError(f"open_client: {', '.join(given)} start a cluster here; a running "
+                             f"scheduler takes none of them")
         if scheduler_file is not None:
             _wait_for_file(Path(scheduler_file), connect_timeout)
         client = connect(scheduler, scheduler_file, connect_timeout)
