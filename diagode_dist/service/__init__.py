@@ -17,7 +17,7 @@ _WHERE = {
     "submit": "client", "attach": "client", "fit_distributed": "client", "list_runs": "client",
     "RunHandle": "client", "connect": "session", "open_client": "session", "Session": "session",
     "DaskProblem": "inputs", "RunSpec": "protocol", "RunStatus": "protocol",
-    "ParameterServer": "server",
+    "ParameterServer": "server", "ProblemFiles": "diagode_dist.files",
 }
 
 __all__ = sorted(_WHERE)
@@ -25,5 +25,7 @@ __all__ = sorted(_WHERE)
 
 def __getattr__(name: str):
     if name in _WHERE:
-        return getattr(importlib.import_module(f"diagode_dist.service.{_WHERE[name]}"), name)
+        where = _WHERE[name]
+        module = where if "." in where else f"diagode_dist.service.{where}"
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'diagode_dist.service' has no attribute {name!r}")
