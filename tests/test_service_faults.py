@@ -13,6 +13,7 @@ import signal
 import time
 import urllib.request
 
+import dask.array as da
 import numpy as np
 import pytest
 from distributed import Client
@@ -21,7 +22,7 @@ from distributed.protocol.serialize import ToPickle
 import diagode_dist as dd
 from diagode_dist.optim import Adam
 from diagode_dist.options import TrainOptions
-from diagode_dist.service import submit
+from diagode_dist.service import DaskProblem, submit
 from diagode_dist.service.client import _call
 from diagode_dist.service.plugin import install
 from diagode_dist.service.protocol import RunSpec, shard_key
@@ -76,6 +77,23 @@ def test_sigkill_a_worker_mid_run_gives_the_same_bits(client, prob, undisturbed)
     assert status["shard_restarts"][0] >= 1  # shard 0 really lost its worker
     assert np.array_equal(theta, undisturbed[0])
     assert history == undisturbed[1]
+
+
+def test_sigkill_the_worker_holding_dask_chunks_gives_the_same_bits(client, prob, undisturbed):
+    """The chunks of a DaskProblem live on the workers: a killed worker takes its chunks with
+    it, and Dask recomputes them for the rerun shard (from their graph)."""
+    F = da.from_array(np.asarray(prob.F), chunks=(prob.n, math.ceil(prob.S / 3)))
+    problem = DaskProblem(np.asarray(prob.A0), F, np.asarray(prob.labels), T=prob.T,
+                          beta=prob.beta)
+    assert len(problem.column_chunks) == 3
+    reference = submit(client, problem, np.zeros(prob.n), **TRAIN).wait(timeout=120)
+    run = submit(client, problem, np.zeros(prob.n), **TRAIN)
+    _wait_for_step(run, 6)
+    _kill_worker_running(client, shard_key(run.run_id, 0))
+    theta, history = run.wait(timeout=120)
+    assert run.status()["shard_restarts"][0] >= 1
+    assert np.array_equal(theta, reference[0]) and history == reference[1]
+    assert np.max(np.abs(theta - undisturbed[0])) <= 1e-12 * np.max(np.abs(undisturbed[0]))
 
 
 @pytest.mark.slow
