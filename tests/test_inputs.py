@@ -119,3 +119,18 @@ def test_bad_dask_inputs_fail_before_any_work(client, arrays):
     with pytest.raises(TypeError, match="F must be a dask or NumPy array"):
         DaskProblem(arrays["A0"], [[1.0]], arrays["labels"])
     assert len(list_runs(client)) == before
+
+
+def test_observation_targets_as_dask_arrays(client, arrays):
+    rng = np.random.default_rng(5)
+    times = [0.5, 1.0]
+    targets = 0.1 * rng.standard_normal((len(times), N, S))
+    prob = dd.Problem(arrays["A0"], arrays["F"], T=1.0, x0=arrays["x0"], obs_times=times,
+                      targets=targets, loss="mse")
+    theta_ref, history_ref = dd.fit(prob, np.zeros(N), **TRAIN)
+    problem = DaskProblem(arrays["A0"], da.from_array(arrays["F"], chunks=(N, CHUNK)), T=1.0,
+                          x0=arrays["x0"], obs_times=times, loss="mse",
+                          targets=da.from_array(targets, chunks=(1, N // 2, 5)))
+    theta, history = fit_distributed(client, problem, np.zeros(N), **TRAIN)
+    assert _relative(theta, theta_ref) <= 1e-12
+    np.testing.assert_allclose(history, history_ref, rtol=1e-12)
