@@ -150,7 +150,8 @@ def _load_problem(spec: ShardSpec, data, operator, blocks):
     elif isinstance(data, DaskShard):
         token = ("graph", spec.run_id)
         host_A0 = _cached(token, lambda: _aligned(operator))
-        piece = data.build(host_A0, {name: None if block is None else _aligned(block)
+        # Chunks on the host first (CuPy-backed ones too); the piece moves to the GPU below.
+        piece = data.build(host_A0, {name: None if block is None else _aligned(to_numpy(block))
                                      for name, block in blocks.items()})
     else:
         token, piece = ("graph", spec.run_id), data
