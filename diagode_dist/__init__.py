@@ -7,6 +7,7 @@
 """
 
 from .adjoint import loss_and_grad, loss_grad_sums
+from .errors import AccuracyError
 from .files import ProblemFiles
 from .optim import Adam
 from .options import TrainOptions
@@ -21,7 +22,8 @@ _SERVICE = {"submit", "attach", "fit_distributed", "RunHandle", "connect", "open
 __all__ = [
     "Problem", "demo_problem", "SoftplusParam", "ExpParam", "DiagonalParam", "ProblemFiles",
     "TrainOptions",
-    "loss_and_grad", "loss_grad_sums", "fit", "epoch_batches", "Adam", *sorted(_SERVICE),
+    "loss_and_grad", "loss_grad_sums", "AccuracyError", "fit", "epoch_batches", "Adam",
+    *sorted(_SERVICE),
 ]
 
 

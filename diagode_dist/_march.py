@@ -13,12 +13,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._array import array_module, to_numpy
+from .errors import AccuracyError
 from .expm import expm_batched
 from .krylov import Projection, arnoldi, combine, exp_and_error
 from .time_integral import trapezoid, van_loan
 
-MAX_STEPS = 100_000
+MAX_SUBSTEPS = 5_000
+"""Default work limit: Krylov sub-steps of one march (forward, or adjoint over all intervals)."""
 _SHRINK_TRIES = 60
+_ROUNDING = 2.0
+"""Rounding floor of a step: _ROUNDING * eps * (||v|| + ||y||_1), the size of the terms that
+cancel in V y (Expokit's ``expv`` carries a similar roundoff term)."""
+_ROUNDING_SHARE = 0.5
+"""Share of a step's tolerance rtol * tau / T given to its rounding floor (at least 8 x the floor
+of a step without cancellation, which no step size can lower); truncation gets the rest, so the
+sum over steps stays within rtol."""
+_SAFETY = 10.0
+"""Safety factor on the Saad/Expokit truncation estimate, which can sit 10-20x below the true
+error on strongly non-normal Hessenberg matrices."""
+_GROWTH_LIMIT = 1e13
+"""Largest growth ||exp(tau H) e1|| of one step: a strongly non-normal operator has Ritz values
+with large positive real part (first-order wave equation: +1100 for a stable operator), and a
+long step would amplify them until exp(tau H) overflows; such a step is shrunk instead."""
 
 
 @dataclass
@@ -32,6 +48,7 @@ class Interval:
     dims: np.ndarray  # (c_q,) forward Krylov dimensions
     stop: np.ndarray  # (c_q,) index of the observation reached at t_{q+1}, or -1
     symmetric: bool = False  # built with Lanczos
+    coupling: object = None  # (c_q,) 1 / eta, the balancing of the augmented coordinate
 
 
 @dataclass
@@ -43,6 +60,7 @@ class Accuracy:
     forward_dim: int = 0
     adjoint_dim: int = 0
     steps: int = 0
+    adjoint_steps: int = 0
 
 
 class _Acceptor:
@@ -52,52 +70,98 @@ class _Acceptor:
     starts from the values at each column's final dimension instead of recomputing them.
     """
 
-    def __init__(self, norms, tau, tol, n_rows):
-        """norms (c,) device; tau, tol (c,) host step and relative tolerance."""
-        self.norms, self.tau_host, self.tol, self.n_rows = norms, tau, tol, n_rows
+    def __init__(self, norms, tau, rtol, T, n_rows):
+        """norms (c,) device; tau (c,) host steps; rtol, T floats."""
+        self.norms, self.tau_host, self.rtol, self.T = norms, tau, rtol, T
+        self.n_rows = n_rows
         self.tau = array_module(norms).asarray(tau)
-        self.checks = {}  # dimension m -> (y (c, m), rel (c,) host)
+        self.checks = {}  # dimension m -> (y (c, m), Estimate)
 
     def __call__(self, hessenberg, basis):
-        y, rel = _estimate(hessenberg[:, :-1, :], hessenberg[:, -1, -1], self.norms, self.tau,
+        y, est = _estimate(hessenberg[:, :-1, :], hessenberg[:, -1, -1], self.norms, self.tau,
                            basis, self.n_rows)
-        self.checks[basis.shape[0]] = (y, rel)
-        return rel <= self.tol
+        self.checks[basis.shape[0]] = (y, est)
+        return est.meets(self.rtol * self.tau_host / self.T)
 
     def at_final_dims(self, proj):
-        """(y (c, m), rel (c,)) at each column's final dimension, from the checks where
-        available (a breakdown between checks is computed afresh)."""
+        """(y (c, m), Estimate) at each column's final dimension, from the checks where
+        available (a column whose dimension was not checked is computed afresh)."""
         xp = array_module(proj.norms)
         c, m = proj.norms.shape[0], proj.basis.shape[0]
         y = xp.zeros((c, m), dtype=proj.norms.dtype)
-        rel = np.full(c, np.nan)
-        for dim, (y_dim, rel_dim) in self.checks.items():
+        est = Estimate(np.full(c, np.nan), np.full(c, np.nan), _eps(proj.norms))
+        for dim, (y_dim, est_dim) in self.checks.items():
             rows = np.nonzero(proj.dims == dim)[0]
             if rows.size:
                 y[xp.asarray(rows), :dim] = y_dim[xp.asarray(rows)]
-                rel[rows] = rel_dim[rows]
-        missing = np.nonzero(np.isnan(rel))[0]
+                est.put(rows, est_dim.take(rows))
+        missing = np.nonzero(np.isnan(est.truncation))[0]
         if missing.size:
-            y_new, rel_new = _relative_error(_rows_of(proj, xp.asarray(missing)),
+            y_new, est_new = _relative_error(_rows_of(proj, xp.asarray(missing)),
                                              self.tau_host[missing], self.n_rows)
             y[xp.asarray(missing)] = y_new
-            rel[missing] = rel_new
-        return y, rel
+            est.put(missing, est_new)
+        return y, est
+
+
+@dataclass
+class Estimate:
+    """Per-column relative error estimate of a step (host arrays (c,)).
+
+    truncation : safety factor x Saad/Expokit estimate, / ||x(tau)||
+    rounding : rounding floor (eps times the norms that cancel in V y), / ||x(tau)||
+    A non-finite coefficient, state or estimate, or a growth beyond _GROWTH_LIMIT in one step,
+    gives inf in both: never accepted.
+    """
+
+    truncation: np.ndarray
+    rounding: np.ndarray
+    eps: float = float(np.finfo(np.float64).eps)
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.truncation + self.rounding
+
+    def meets(self, tol) -> np.ndarray:
+        """Truncation within the step's share ``tol`` (c,), rounding within its budget."""
+        return ((self.truncation <= (1 - _ROUNDING_SHARE) * tol)
+                & (self.rounding <= self.rounding_budget(tol)))
+
+    def rounding_budget(self, tol):
+        return np.maximum(_ROUNDING_SHARE * tol, 8 * _ROUNDING * self.eps)
+
+    def take(self, rows) -> Estimate:
+        return Estimate(self.truncation[rows], self.rounding[rows], self.eps)
+
+    def put(self, rows, other: Estimate) -> None:
+        self.truncation[rows] = other.truncation
+        self.rounding[rows] = other.rounding
 
 
 def _estimate(square, next_subdiag, norms, tau, basis, n_rows):
-    """y = beta exp(tau H) e1 (c, m) and err / ||v(tau)[:n_rows]|| (host (c,))."""
+    """y = beta exp(tau H) e1 (c, m) and the relative Estimate of x(tau) = V[:n_rows] y."""
     xp = array_module(norms)
-    y, err = exp_and_error(square, next_subdiag, norms, tau)
+    with np.errstate(over="ignore", invalid="ignore"):  # a blown-up step is refused below
+        y, err = exp_and_error(square, next_subdiag, norms, tau)
     size = xp.linalg.norm(combine(basis[:, :, :n_rows], y), axis=1)
+    eps = _eps(norms)
+    floor = _ROUNDING * eps * (norms + xp.abs(y).sum(axis=1))
     # A state that underflows to zero (strong decay, float32) is measured against the start.
     size = xp.where(size > 0, size, norms)
-    rel = xp.where(size > 0, err / xp.where(size > 0, size, 1.0), err)
-    return y, to_numpy(rel)
+    finite = xp.isfinite(y).all(axis=1) & xp.isfinite(size) & xp.isfinite(err)
+    finite &= xp.linalg.norm(y, axis=1) <= _GROWTH_LIMIT * norms
+    scale = xp.where(size > 0, size, 1.0)
+    trunc = xp.where(finite, _SAFETY * err / scale, xp.inf)
+    floor = xp.where(finite, floor / scale, xp.inf)
+    return y, Estimate(to_numpy(trunc).astype(float), to_numpy(floor).astype(float), eps)
+
+
+def _eps(array) -> float:
+    return float(np.finfo(array.dtype).eps)
 
 
 def _relative_error(proj, tau, n_rows):
-    """y and err / ||v(tau)[:n_rows]|| per column at (host) steps tau."""
+    """y and the relative Estimate per column at (host) steps tau."""
     xp = array_module(proj.norms)
     return _estimate(proj.square, proj.next_subdiag, proj.norms, xp.asarray(tau), proj.basis,
                      n_rows)
@@ -106,26 +170,37 @@ def _relative_error(proj, tau, n_rows):
 def _choose_steps(proj, accept, remaining, T, rtol, n_rows):
     """Per-column step: the whole remaining time if the estimate allows, else shrink.
 
-    Returns host tau (c,) and the coefficients y (c, m) at those steps, and relative errors.
+    Returns host tau (c,), the coefficients y (c, m) at those steps and their Estimate.
     """
     tau = remaining.copy()
-    y, rel = accept.at_final_dims(proj)
+    y, est = accept.at_final_dims(proj)
     m = max(int(proj.basis.shape[0]), 1)
     for _ in range(_SHRINK_TRIES):
         tol = rtol * tau / T
-        bad = rel > tol
+        bad = ~est.meets(tol)
         if not bad.any():
             break
-        ratio = np.where(rel[bad] > 0, tol[bad] / np.maximum(rel[bad], 1e-300), 1.0)
+        worst = np.maximum(
+            est.truncation[bad] / np.maximum((1 - _ROUNDING_SHARE) * tol[bad], 1e-300),
+            est.rounding[bad] / est.rounding_budget(tol[bad]))
+        ratio = np.where(np.isfinite(worst), 1.0 / np.maximum(worst, 1e-300), 0.0)
         tau[bad] *= np.clip(0.9 * ratio ** (1.0 / m), 0.05, 0.9)
-        y, rel = _relative_error(proj, tau, n_rows)
-    return tau, y, rel
+        y, est = _relative_error(proj, tau, n_rows)
+    return tau, y, est
 
 
-def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=False):
-    """Integrate u' = Â u from u0 (c, N) to every observation time.
+def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=False, *,
+                  forcing_norms, a_norm, max_substeps=MAX_SUBSTEPS):
+    """Integrate u' = Â u from u0 = [x0; 1] (c, N) to every observation time.
 
-    make_apply(rows) -> callable (c_q, N) -> (c_q, N): the augmented operator for those columns.
+    make_apply(rows, coupling) -> callable (c_q, N) -> (c_q, N): the augmented operator
+    [[A, f coupling], [0, 0]] of those columns (coupling (c_q,) device).
+    forcing_norms : (c,) host ||f_j||; a_norm : float, an estimate of ||A|| (any norm).
+
+    Each step is balanced: the augmented coordinate is eta = max(||x||, ||f|| min(tau, 1/||A||))
+    instead of 1 (with coupling 1/eta), so that a state far below 1 -- strong decay, or data of
+    any scale -- is not computed as the small difference of O(1) terms (x(t) scales with x0 and
+    f exactly, whatever their scale).
 
     Returns the observed states (m_obs, c, n) (n = N - 1: the augmented row dropped),
     the list of Intervals, and the per-column Accuracy.
@@ -138,39 +213,82 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
     acc = Accuracy(np.zeros(c), np.zeros(c))
     intervals, kept, active = [], 0, np.arange(c)
     while active.size:
-        if len(intervals) >= MAX_STEPS:
-            raise RuntimeError(f"more than {MAX_STEPS} Krylov sub-steps: increase k")
-        start = u[xp.asarray(active)] if active.size < c else u
+        _check_work(len(intervals), max_substeps, k, rtol, "forward", t[active].min() / T)
         remaining = obs[next_obs[active]] - t[active]
+        start, coupling = _balanced_start(u, active, remaining, forcing_norms, a_norm)
         norms = xp.linalg.norm(start, axis=1)
-        tol = rtol * remaining / T
-        accept = _Acceptor(norms, remaining, tol, N - 1)
+        accept = _Acceptor(norms, remaining, rtol, T, N - 1)
         # Lanczos structure of the augmented operator holds only from u0 = e_{n+1} (t = 0).
         lanczos = symmetric and not t[active].any()
-        proj = arnoldi(make_apply(active), start, k, symmetric=lanczos, accept=accept)
-        tau, y, rel = _choose_steps(proj, accept, remaining, T, rtol, N - 1)
+        apply = make_apply(active, coupling)
+        proj = arnoldi(apply, start, k, symmetric=lanczos, accept=accept)
+        tau, y, est = _choose_steps(proj, accept, remaining, T, rtol, N - 1)
         reached = tau >= remaining
-        u_new = combine(proj.basis, y)
+        x_new = combine(proj.basis, y)[:, : N - 1]
+        _check_growth(start[:, : N - 1], x_new, tau, t[active])
         u = u.copy()  # never in place: `start` of this interval may be u itself
-        u[xp.asarray(active)] = u_new
+        u[xp.asarray(active), : N - 1] = x_new
         observed = active[reached]
         states[xp.asarray(next_obs[observed]), xp.asarray(observed)] = \
-            u_new[xp.asarray(np.nonzero(reached)[0]), : N - 1]
+            x_new[xp.asarray(np.nonzero(reached)[0])]
         t[active] = np.where(reached, obs[next_obs[active]], t[active] + tau)
         stop = np.where(reached, next_obs[active], -1)
         next_obs[observed] += 1
         kept += proj.basis.nbytes
         intervals.append(Interval(active, tau, start, proj if kept <= keep_bytes else None,
-                                  proj.dims, stop, lanczos))
-        acc.forward[active] += rel
+                                  proj.dims, stop, lanczos, coupling))
+        acc.forward[active] += est.total
         acc.forward_dim = max(acc.forward_dim, int(proj.dims.max()))
         active = active[next_obs[active] < obs.size]
     acc.steps = len(intervals)
     return states, intervals, acc
 
 
+def _balanced_start(u, active, remaining, forcing_norms, a_norm):
+    """Start vectors [x; eta] (c_q, N) of a step and the couplings 1/eta (0 where eta = 0)."""
+    xp = array_module(u)
+    rows = xp.asarray(active)
+    x = u[rows, :-1]
+    x_norm = xp.linalg.norm(x, axis=1)
+    horizon = np.minimum(remaining, 1.0 / a_norm) if a_norm > 0 else remaining
+    eta = xp.maximum(x_norm, xp.asarray(forcing_norms[active] * horizon, dtype=u.dtype))
+    start = xp.empty_like(u[rows])
+    start[:, :-1] = x
+    start[:, -1] = eta
+    coupling = xp.where(eta > 0, 1.0 / xp.where(eta > 0, eta, 1.0), 0.0).astype(u.dtype)
+    return start, coupling
+
+
+def _check_growth(x_start, x_new, tau, t):
+    """Refuse a state that left the floating-point range: A itself grows that fast."""
+    xp = array_module(x_new)
+    limit = float(np.finfo(x_new.dtype).max) ** 0.5
+    size = to_numpy(xp.linalg.norm(x_new.astype(xp.float64), axis=1))
+    bad = ~np.isfinite(size) | (size > limit)
+    if bad.any():
+        before = to_numpy(xp.linalg.norm(x_start.astype(xp.float64), axis=1))[bad]
+        grow = np.log(np.minimum(size[bad], limit) / np.maximum(before, 1e-300)) / tau[bad]
+        raise FloatingPointError(
+            f"the state grows beyond the floating-point range near t = {float(t[bad][0]):.3g} "
+            f"(growth rate about {float(np.max(grow)):.3g} per unit time): A = A0 + diag(d) has "
+            "eigenvalues with a large positive real part, so the solution overflows over T")
+
+
+def _check_work(steps, max_substeps, k, rtol, what, progress=None):
+    """Refuse when the march exceeds max_substeps, or (forward, after 64 steps) is on course to
+    exceed it four times over: fail in seconds, not after the whole budget."""
+    on_course = (progress is not None and steps >= 64
+                 and steps > 4 * max_substeps * max(progress, 1e-300))
+    if steps >= max_substeps or on_course:
+        raise AccuracyError(
+            f"the {what} march needs more than max_substeps={max_substeps} Krylov sub-steps "
+            f"to meet rtol={rtol:g} with k={k}: increase k (e.g. k={2 * k}), loosen rtol, or "
+            "raise max_substeps")
+
+
 def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
-                  time_integral="vanloan", quad_points=32, symmetric=False):
+                  time_integral="vanloan", quad_points=32, symmetric=False,
+                  max_substeps=MAX_SUBSTEPS):
     """March the adjoint back across the intervals and sum the exact sub-step integrals.
 
     jumps : (m_obs, c, n) dL/dx at the observation times; apply_T: (c_q, n) -> (c_q, n), A^T on
@@ -184,15 +302,15 @@ def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
         if hit.any():
             rows = xp.asarray(iv.columns[hit])
             lam[rows] += jumps[xp.asarray(iv.stop[hit]), rows]
-        fwd = iv.projection or arnoldi(make_apply(iv.columns), iv.start, k,
+        fwd = iv.projection or arnoldi(make_apply(iv.columns, iv.coupling), iv.start, k,
                                        fixed_dims=iv.dims, symmetric=iv.symmetric)
         grad += _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral,
-                                  quad_points, symmetric)
+                                  quad_points, symmetric, max_substeps)
     return grad
 
 
 def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, quad_points,
-                      symmetric):
+                      symmetric, max_substeps):
     """Adjoint across one forward interval, in as many error-controlled sub-steps as needed.
 
     Updates lam (c, n) in place for the interval's columns; returns the gradient part (n,).
@@ -202,19 +320,20 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
     elapsed = np.zeros(iv.columns.size)  # adjoint time covered, from the interval's end
     active = np.arange(iv.columns.size)
     while active.size:
+        _check_work(acc.adjoint_steps, max_substeps, k, rtol, "adjoint")
         rows = xp.asarray(iv.columns[active])
         remaining = iv.tau[active] - elapsed[active]
         start = lam[rows]
         norms = xp.linalg.norm(start, axis=1)
-        tol = rtol * remaining / T
-        accept = _Acceptor(norms, remaining, tol, n)
+        accept = _Acceptor(norms, remaining, rtol, T, n)
         adj = arnoldi(apply_T, start, k, symmetric=symmetric, accept=accept)
-        sigma, z, rel = _choose_steps(adj, accept, remaining, T, rtol, n)
-        acc.adjoint[iv.columns[active]] += rel
+        sigma, z, est = _choose_steps(adj, accept, remaining, T, rtol, n)
+        acc.adjoint_steps += 1
         acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
         reached = sigma >= remaining
         begin = np.where(reached, 0.0, remaining - sigma)  # forward-local start of the sub-step
         sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))
+        acc.adjoint[iv.columns[active]] += est.total + _van_loan_rounding(adj, sigma, sub)
         y_start, y_norm = _forward_coefficients(sub, begin)
         if time_integral == "vanloan":
             M = van_loan(adj.square, sub.square, xp.asarray(sigma), y_start)
@@ -226,6 +345,16 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
         elapsed[active] = np.where(reached, iv.tau[active], elapsed[active] + sigma)
         active = active[~reached]
     return grad
+
+
+def _van_loan_rounding(adj, sigma, fwd):
+    """Relative rounding of the step's Van Loan integral (host (c,)): scaling and squaring of a
+    stiff block loses about 0.1 eps sigma ||G||_1 (measured: 5e-11 at sigma ||G|| = 1e6)."""
+    xp = array_module(adj.norms)
+    eps = _eps(adj.norms)
+    size = xp.maximum(xp.abs(adj.square).sum(axis=1).max(axis=1),
+                      xp.abs(fwd.square).sum(axis=1).max(axis=1))
+    return 0.1 * eps * sigma * to_numpy(size).astype(float)
 
 
 def _rows_of(proj, rows):

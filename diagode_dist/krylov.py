@@ -58,8 +58,9 @@ def arnoldi(apply, start, k_max: int, accept=None, check_every: int = 4,
     k_max : maximum Krylov dimension (capped at N).
     accept : callable (hessenberg (c, m+1, m), basis (m, c, N)) -> host bool (c,), optional
         Says which columns meet their error estimate at dimension m. It is asked every
-        ``check_every`` dimensions and at ``k_max``; an accepted column keeps dimension m.
-        Without it every column runs to ``k_max`` (or its breakdown).
+        ``check_every`` dimensions, at ``k_max`` and whenever some h_{m+1,m} is tiny (a
+        breakdown ends a column only when the estimate with that h accepts it); an accepted
+        column keeps dimension m. Without it every column runs to ``k_max`` or its breakdown.
     fixed_dims : (c,) host ints, optional
         Rebuild a projection whose dimensions are known (no checks): identical floats.
     symmetric : bool
@@ -75,6 +76,7 @@ def arnoldi(apply, start, k_max: int, accept=None, check_every: int = 4,
     basis[0] = _divide_rows(start, norms, xp)
     breakdown_rtol = max(BREAKDOWN_RTOL, 50 * float(np.finfo(start.dtype).eps))
     if fixed_dims is not None:
+        fixed_dims = np.asarray(fixed_dims)
         k_max = int(np.max(fixed_dims))
     dims = np.full(c, k_max)
     done = np.zeros(c, dtype=bool)
@@ -85,15 +87,25 @@ def arnoldi(apply, start, k_max: int, accept=None, check_every: int = 4,
         first = max(0, j - 1) if symmetric else 0
         h, w = _cgs2(basis[first: j + 1], w)
         h_next = xp.linalg.norm(w, axis=1)
-        broken = h_next <= breakdown_rtol * scale
-        h_next = xp.where(broken, 0.0, h_next)
+        if j + 1 == N:  # the basis spans the whole space: exact, whatever rounding left in w
+            h_next = xp.zeros_like(h_next)
         hess[:, first: j + 1, j] = h
         hess[:, j + 1, j] = h_next
-        basis[j + 1] = _divide_rows(w, h_next, xp)
-        # A breakdown means an invariant subspace: exact at this dimension.
-        newly = to_numpy(broken) & ~done
-        if accept is not None and ((j + 1) % check_every == 0 or j + 1 == k_max):
-            newly |= np.asarray(accept(hess[:, : j + 2, : j + 1], basis[: j + 1])) & ~done
+        tiny = to_numpy(h_next <= breakdown_rtol * scale) & ~done
+        if fixed_dims is not None:
+            newly = fixed_dims == j + 1
+        elif accept is None:
+            newly = tiny.copy()
+        elif (j + 1) % check_every == 0 or j + 1 == k_max or tiny.any():
+            # A tiny h_{j+1,j} is a breakdown (an invariant subspace, exact at this dimension)
+            # only if the estimate computed with that h agrees: a component 1e-13 in a slow
+            # direction behind a stiff one may be all that is left after the decay.
+            newly = np.asarray(accept(hess[:, : j + 2, : j + 1], basis[: j + 1])) & ~done
+        else:
+            newly = np.zeros(c, dtype=bool)
+        broken = xp.asarray(newly & tiny)
+        hess[:, j + 1, j] = xp.where(broken, 0.0, h_next)
+        basis[j + 1] = _divide_rows(w, hess[:, j + 1, j], xp)
         dims[newly] = j + 1
         done |= newly
         if done.all():

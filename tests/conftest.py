@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import scipy.sparse
-
-# ``from reference import ...`` must work whatever pytest's import mode
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 def random_arrays(n: int, S: int, scale: float = 0.3, seed: int = 0, sparse: bool = False,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import scipy.sparse
 from conftest import dense, random_arrays
-from reference import reference_loss_and_grad, relative_error
 
 import diagode_dist as dd
+from diagode_dist.reference import reference_loss_and_grad, relative_error
 
 T, BETA = 2.0, 10.0
 LOSS_RTOL, GRAD_RTOL = 1e-12, 1e-11

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import dense, random_arrays
-from reference import reference_loss_and_grad, relative_error
 
 import diagode_dist as dd
+from diagode_dist.reference import reference_loss_and_grad, relative_error
 
 T, BETA = 2.0, 10.0
 

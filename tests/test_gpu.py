@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import dense, random_arrays
-from reference import reference_loss_and_grad, relative_error
+
+from diagode_dist.reference import reference_loss_and_grad, relative_error
 
 cupy = pytest.importorskip("cupy", reason="CuPy is not installed (the gpu extra)")
 

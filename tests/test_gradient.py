@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference
 import scipy.special
 from conftest import dense, random_arrays
-from reference import (
+
+from diagode_dist import reference
+from diagode_dist.reference import (
     PARAM_NAMES,
     expm_loss,
     reference_loss_and_grad,

@@ -1,6 +1,6 @@
 """Initial states, observation times, MSE and user losses.
 
-First the dense reference of ``reference_obs`` is checked against finite differences of a
+First the dense reference of ``diagode_dist.reference`` is checked against finite differences of a
 loss computed with plain ``expm`` (and against ``reference.py`` where both apply); then the
 package against that reference and against finite differences of its own loss. Relative errors
 are ||value - exact||_2 / ||exact||_2.
@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 import scipy.special
 from conftest import dense, random_arrays
-from reference import reference_loss_and_grad, relative_error
-from reference_obs import loss_only, mse_loss, observed_states, reference_obs_loss_and_grad
 
 import diagode_dist as dd
+from diagode_dist.reference import (
+    loss_only,
+    mse_loss,
+    observed_states,
+    reference_loss_and_grad,
+    reference_obs_loss_and_grad,
+    relative_error,
+)
 
 T = 2.0
 TIMES = [0.5, 1.0, 2.0]

@@ -18,11 +18,10 @@ import tracemalloc
 import numpy as np
 import pytest
 from conftest import random_arrays
-from reference import relative_error
-from reference_obs import inverse_softplus, laplacian_2d
 
 import diagode_dist as dd
 from diagode_dist import adjoint
+from diagode_dist.reference import inverse_softplus, laplacian_2d, relative_error
 
 F32_BOUND = 10 * adjoint.effective_rtol(1e-8, np.float32)
 
@@ -53,6 +52,22 @@ def test_effective_rtol():
     assert adjoint.effective_rtol(1e-3, np.float32) == 1e-3
 
 
+def _float32_run(p32, theta, k, rtol, refusable):
+    """loss_and_grad in float32 and the accuracy it states (10 x its effective rtol).
+
+    100 eps cannot be certified in float32 once eps * ||T A|| (rounding of a stiff time
+    integral) is of that size: where ``refusable``, an AccuracyError is accepted and rtol = 1e-4
+    must then be met.
+    """
+    try:
+        loss, grad, info = dd.loss_and_grad(p32, theta, k=k, rtol=rtol, return_info=True)
+    except dd.AccuracyError:
+        assert refusable
+        rtol = 1e-4
+        loss, grad, info = dd.loss_and_grad(p32, theta, k=k, rtol=rtol, return_info=True)
+    return loss, grad, info, 10 * adjoint.effective_rtol(rtol, np.float32)
+
+
 @pytest.mark.parametrize("theta_dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k", [30, 10])
 @pytest.mark.parametrize("case", list(F32_CASES))
@@ -62,14 +77,14 @@ def test_float32_against_float64(case, k, theta_dtype):
     p32 = dd.Problem(A0.astype(np.float32), F.astype(np.float32), labels, T=T, beta=10.0)
     assert p32.dtype == np.float32 and p32.A0.dtype == np.float32
     loss, grad = dd.loss_and_grad(p64, theta, k=60, rtol=1e-12)
-    loss32, grad32, info = dd.loss_and_grad(p32, theta.astype(theta_dtype), k=k, rtol=1e-8,
-                                            return_info=True)
+    loss32, grad32, info, bound = _float32_run(p32, theta.astype(theta_dtype), k, 1e-8,
+                                               refusable=case == "stiff-laplacian")
     assert type(loss32) is float
     assert grad32.dtype == theta_dtype  # the gradient comes back in theta's dtype
-    assert info["rtol"] == adjoint.effective_rtol(1e-8, np.float32)
+    assert info["rtol"] == adjoint.effective_rtol(bound / 10, np.float32)
     assert info["rtol_met"] is True, info
-    assert abs(loss32 - loss) <= F32_BOUND * abs(loss)
-    assert relative_error(grad32, grad) <= F32_BOUND
+    assert abs(loss32 - loss) <= bound * abs(loss)
+    assert relative_error(grad32, grad) <= bound
 
 
 def test_float32_observations_with_x0():
@@ -82,10 +97,10 @@ def test_float32_observations_with_x0():
     p32 = dd.Problem(A0.astype(np.float32), F.astype(np.float32), x0=x0.astype(np.float32),
                      targets=targets.astype(np.float32), **kw)
     loss, grad = dd.loss_and_grad(p64, theta, k=60, rtol=1e-12)
-    loss32, grad32 = dd.loss_and_grad(p32, theta.astype(np.float32))
+    loss32, grad32, _, bound = _float32_run(p32, theta.astype(np.float32), 30, 1e-12, True)
     assert grad32.dtype == np.float32
-    assert abs(loss32 - loss) <= F32_BOUND * abs(loss)
-    assert relative_error(grad32, grad) <= F32_BOUND
+    assert abs(loss32 - loss) <= bound * abs(loss)
+    assert relative_error(grad32, grad) <= bound
 
 
 def test_float32_is_really_float32():
