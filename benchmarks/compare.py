@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from diagode_dist.reference import exact_loss_and_grad, relative_error
+
 from . import cases as _cases
 from .table import render_table
 
@@ -87,7 +89,7 @@ def _host_array(a: Any) -> np.ndarray:
 
 def _score(row: Row, ref_loss: float, ref_grad: np.ndarray) -> Row:
     if row.grad is not None:
-        row.rel_grad = _cases.relative_error(row.grad, ref_grad)
+        row.rel_grad = relative_error(row.grad, ref_grad)
         finite = math.isfinite(row.loss)
         row.rel_loss = abs(row.loss - ref_loss) / abs(ref_loss) if finite else math.inf
     return row
@@ -142,7 +144,7 @@ def run_case(case: _cases.Case, repeat: int = 5, budget: float = 60.0,
     log = log or (lambda _msg: None)
     log(f"[{case.name}] exact reference ...")
     reference = Row(case.name, REFERENCE)
-    _measure(reference, lambda _d: _cases.exact_loss_and_grad(case.problem, case.theta), 1, budget)
+    _measure(reference, lambda _d: exact_loss_and_grad(case.problem, case.theta), 1, budget)
     if reference.grad is not None:
         reference.note = f"the reference (1 run); loss = {reference.loss:.6g}"
     rows = [reference]

@@ -20,9 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from .cases import dense_matrix, host_array
+from diagode_dist.reference import dense_matrix
 
 ODE_TOL = 1e-9  # rtol = atol of the dopri5 peers
+
+
+def host_array(a: Any) -> np.ndarray | None:
+    """A NumPy/CuPy array as a float64 host ndarray (None stays None)."""
+    if a is None:
+        return None
+    return np.asarray(a.get() if hasattr(a, "get") else a, dtype=np.float64)
 
 
 class PeerTimeout(RuntimeError):
