@@ -50,6 +50,13 @@ def _gpu(args: argparse.Namespace) -> str:
                       budget=args.peer_budget, log=_log)
 
 
+def _trust(args: argparse.Namespace) -> str:
+    from .trust import trust_rows, trust_table
+
+    return trust_table(trust_rows(("wave", "decay_x0", "float32") if args.quick else None),
+                       markdown=args.markdown)
+
+
 @dataclass(frozen=True)
 class Section:
     """An optional part of the report: ``--flag`` turns it on; ``render(args)`` returns it."""
@@ -61,6 +68,9 @@ class Section:
 
 
 SECTIONS: tuple[Section, ...] = (
+    Section("trust", "Trust: true error against rtol and against the estimate, per operator class",
+            "also check accuracy on the operator gallery against the exact reference in ball "
+            "arithmetic: worst error / rtol and error / estimate per class (~1-2 min)", _trust),
     Section("scaling", "Scaling of our time with n, S and k (sparse grid problems)",
             "also time ours against n, S and k on sparse grid problems", _scaling),
     Section("service", "Dask service: parameter-server overhead and speed-up",

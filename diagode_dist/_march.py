@@ -24,11 +24,11 @@ _SHRINK_TRIES = 60
 _ROUNDING = 2.0
 """Rounding floor of a step: _ROUNDING * eps * (||v|| + ||y||_1), the size of the terms that
 cancel in V y (Expokit's ``expv`` carries a similar roundoff term)."""
-_ROUNDING_SHARE = 0.5
+_ROUNDING_SHARE = 0.2
 """Share of a step's tolerance rtol * tau / T given to its rounding floor (at least 8 x the floor
 of a step without cancellation, which no step size can lower); truncation gets the rest, so the
 sum over steps stays within rtol."""
-_SAFETY = 10.0
+_SAFETY = 5.0
 """Safety factor on the Saad/Expokit truncation estimate, which can sit 10-20x below the true
 error on strongly non-normal Hessenberg matrices."""
 _GROWTH_LIMIT = 1e13
