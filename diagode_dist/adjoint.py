@@ -3,7 +3,7 @@
     dL/dd_i = sum_j ∫_0^T lambda_j(t)_i x_j(t)_i dt,   dL/dtheta = d'(theta) ⊙ dL/dd
 
 with x_j from the forward Krylov march and lambda_j from the adjoint march on A^T, the time
-integral exact per sub-step (Van Loan). See DESIGN.md sections 1-3.
+integral exact per sub-step (Van Loan 1978; Saad 1992 and Sidje 1998 for the error estimates).
 """
 
 from __future__ import annotations
