@@ -345,6 +345,7 @@ def scheduler_address(cluster):
     return cluster.scheduler_address
 
 
+@pytest.mark.slow
 def test_train_detach_status_result_on_a_running_scheduler(tmp_path, scheduler_address):
     arrays = _write_problem(tmp_path)
     config = _write_config(tmp_path)
@@ -376,6 +377,7 @@ def test_train_detach_status_result_on_a_running_scheduler(tmp_path, scheduler_a
     assert "no-such-run" in unknown.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_train_on_a_running_scheduler_and_resume(tmp_path, scheduler_address):
     """One epoch in the foreground, then --resume with two: the theta of two epochs in one go."""
     arrays = _write_problem(tmp_path)
@@ -395,6 +397,7 @@ def test_train_on_a_running_scheduler_and_resume(tmp_path, scheduler_address):
 
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_the_run_going_on_a_running_scheduler(tmp_path, scheduler_address):
     """Interrupting `train --scheduler` stops the command, not the run: its result comes later."""
     arrays = _write_problem(tmp_path)
@@ -426,6 +429,7 @@ def test_ctrl_c_leaves_the_run_going_on_a_running_scheduler(tmp_path, scheduler_
     _check_outputs(tmp_path / "later", theta_ref, history_ref)
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_an_embedded_cluster_prints_one_line_and_no_tracebacks(tmp_path):
     """Ctrl-C in a terminal signals the whole process group: the command and its workers."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -24,6 +24,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_workstation_demo_trains_like_fit_with_the_demo_options(tmp_path):
     result = _run(str(REPO / "deploy" / "local" / "workstation.py"), "--demo", "--cpu",
                   "--workers", "2", "--out", str(tmp_path / "out"), cwd=tmp_path)

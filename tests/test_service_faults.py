@@ -79,6 +79,7 @@ def test_sigkill_a_worker_mid_run_gives_the_same_bits(client, prob, undisturbed)
     assert history == undisturbed[1]
 
 
+@pytest.mark.slow
 def test_sigkill_the_worker_holding_dask_chunks_gives_the_same_bits(client, prob, undisturbed):
     """The chunks of a DaskProblem live on the workers: a killed worker takes its chunks with
     it, and Dask recomputes them for the rerun shard (from their graph)."""
