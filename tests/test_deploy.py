@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import diagode_dist as dd
 from diagode_dist.options import DEMO_OPTIONS
