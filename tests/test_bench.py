@@ -121,6 +121,7 @@ def test_torch_peers_agree_with_the_reference():
         assert relative_error(grad, ref_grad) < tol, peer.__name__
 
 
+@pytest.mark.slow  # imports torch (about 5 s)
 def test_sparse_adjoint_peer_agrees_with_the_reference():
     """The GPU report's peer (A0 as a torch sparse CSR tensor), here on the CPU."""
     pytest.importorskip("torch")
@@ -134,6 +135,7 @@ def test_sparse_adjoint_peer_agrees_with_the_reference():
     assert relative_error(grad, ref_grad) < 1e-7
 
 
+@pytest.mark.slow  # imports torch (about 5 s)
 def test_peer_past_its_deadline_is_stopped_and_reported():
     pytest.importorskip("torch")
     pytest.importorskip("torchdiffeq")
