@@ -396,7 +396,8 @@ def _daemon_pids(state_dir: Path) -> dict[str, int]:
 def test_interrupted_test_run_leaves_no_slurm_daemon(how, tmp_path):
     """A pytest run of a SLURM test, stopped once its daemons are up: by SIGTERM to the process,
     by SIGINT to its process group (Ctrl-C in a terminal), or by SIGKILL. Afterwards none of
-    munged, slurmctld or slurmd of its instance runs."""
+    munged, slurmctld or slurmd of its instance runs, nor anything else of it (an unfinished
+    slurm_up.sh, an `sbatch --wait` client, a job step)."""
     _require_slurm_prerequisites()
     inner_test = "tests/test_slurm.py::test_sbatch_script_cpu_mode_trains_like_local_fit"
     env = dict(os.environ, TMPDIR=str(tmp_path))  # the inner run's state dir lands here
@@ -405,7 +406,7 @@ def test_interrupted_test_run_leaves_no_slurm_daemon(how, tmp_path):
                               inner_test], cwd=REPO, env=env, start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        pids = _wait_for_daemons(inner, tmp_path, timeout=600)
+        pids, state_dir = _wait_for_daemons(inner, tmp_path, timeout=600)
         if how == "Ctrl-C":
             os.killpg(inner.pid, signal.SIGINT)
         else:
@@ -416,16 +417,39 @@ def test_interrupted_test_run_leaves_no_slurm_daemon(how, tmp_path):
             inner.kill()
             inner.communicate()
     deadline = time.monotonic() + 30  # after SIGKILL the guard stops them (about 3 s)
-    while any(_alive(pid, name) for name, pid in pids.items()) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (any(_alive(pid, name) for name, pid in pids.items())
+                                           or _leftovers(tmp_path, state_dir)):
         time.sleep(0.2)
     survivors = {name: pid for name, pid in pids.items() if _alive(pid, name)}
     assert not survivors, f"{how}: still running {survivors}\n{output[-3000:]}"
+    assert not _leftovers(tmp_path, state_dir), f"{how}: left running\n{output[-3000:]}"
     if how != "SIGKILL":  # pytest's own exit status for an interrupted run
         assert inner.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
 
 
-def _wait_for_daemons(inner: subprocess.Popen, tmp_path: Path, timeout: float) -> dict[str, int]:
-    """The pids of the inner run's three daemons, once all three run."""
+def _leftovers(tmp_path: Path, state_dir: Path) -> dict[int, str]:
+    """Live processes of the inner run: command line under tmp_path, or SLURM_CONF naming the
+    instance's slurm.conf (job steps and their tasks). pid -> command line."""
+    conf = f"SLURM_CONF={state_dir}/slurm.conf".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(tmp_path).encode() in cmdline or conf in environ:
+            found[int(entry.name)] = cmdline.decode(errors="replace")[:200]
+    return found
+
+
+def _wait_for_daemons(inner: subprocess.Popen, tmp_path: Path,
+                      timeout: float) -> tuple[dict[str, int], Path]:
+    """The pids of the inner run's three daemons once all three run, and its state folder."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if inner.poll() is not None:
@@ -436,6 +460,6 @@ def _wait_for_daemons(inner: subprocess.Popen, tmp_path: Path, timeout: float) -
         for state_dir in tmp_path.glob("diagode-slurm-*"):
             pids = _daemon_pids(state_dir)
             if set(pids) == set(DAEMONS) and all(_alive(pid, name) for name, pid in pids.items()):
-                return pids
+                return pids, state_dir
         time.sleep(0.2)
     pytest.fail(f"the daemons were not up after {timeout:.0f} s")

@@ -20,6 +20,22 @@ alive() {
     [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]
 }
 
+kill_tree() {
+    local child
+    for child in $(pgrep -P "$1"); do kill_tree "$child"; done
+    kill -KILL "$1" 2>/dev/null
+}
+
+# An interrupted slurm_up.sh of this instance that still runs (its caller was killed): stopped
+# first, so that it starts nothing more (its pid file is removed when it finishes).
+up_pid=$(cat "$STATE_DIR/slurm_up.pid" 2>/dev/null || true)
+rm -f "$STATE_DIR/slurm_up.pid"
+if [[ -n $up_pid && $up_pid != "$PPID" ]] \
+        && tr '\0' ' ' 2>/dev/null <"/proc/$up_pid/cmdline" | grep -qF "slurm_up.sh"; then
+    log "stopping the unfinished slurm_up.sh ($up_pid)"
+    kill_tree "$up_pid"
+fi
+
 # Send SIGTERM to every daemon we started, then wait for all of them together (each takes ~2 s).
 PIDS=()
 NAMES=()
@@ -89,17 +105,13 @@ if [[ $munge_dir == /run/munge/diagode.* ]]; then
     signal_instance munged "--socket=$munge_dir/"
 fi
 [[ ${#PIDS[@]} -gt 0 ]] && wait_stopped
-# Job step daemons of this instance that outlived it (a step stuck reporting to a dead slurmd):
-# slurmstepd processes whose environment names this instance's slurm.conf, with their tasks.
-kill_tree() {
-    local child
-    for child in $(pgrep -P "$1"); do kill_tree "$child"; done
-    kill -KILL "$1" 2>/dev/null
-}
-for pid in $(pgrep -x slurmstepd); do
+# Job step daemons of this instance that outlived it (a step stuck reporting to a dead slurmd),
+# and clients left waiting on it (the `sbatch --wait` of a killed test run): processes whose
+# environment names this instance's slurm.conf, with their children.
+for pid in $(pgrep -x 'slurmstepd|sbatch|srun|salloc'); do
     if tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" \
             | grep -qx "SLURM_CONF=$STATE_DIR/slurm.conf"; then
-        log "killing leftover slurmstepd $pid and its tasks"
+        log "killing leftover $(cat "/proc/$pid/comm" 2>/dev/null) $pid and its children"
         kill_tree "$pid"
     fi
 done

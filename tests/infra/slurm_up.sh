@@ -145,9 +145,9 @@ EOF
 }
 
 wait_idle() {
-    local state=""
-    for _ in $(seq 300); do
-        state=$(sinfo -h -N -p "$PARTITION" -o %t 2>/dev/null | head -1 || true)
+    local state="" deadline=$((SECONDS + 30))
+    while ((SECONDS < deadline)); do
+        state=$(timeout 5 sinfo -h -N -p "$PARTITION" -o %t 2>/dev/null | head -1 || true)
         [[ $state == idle ]] && return
         sleep 0.1
     done
@@ -169,8 +169,11 @@ if pid_alive "$STATE_DIR/slurmctld.pid" slurmctld && pid_alive "$STATE_DIR/slurm
 fi
 
 # Interrupted (Ctrl-C, SIGTERM, hang-up) while starting: stop whatever was started already.
+# Killed (SIGKILL, no trap): slurm_down.sh finds this script by its pid file and stops it first.
+echo $$ >"$STATE_DIR/slurm_up.pid"
 stop_started() {
     trap - INT TERM HUP
+    rm -f "$STATE_DIR/slurm_up.pid"
     log "interrupted: stopping what was started"
     bash "$(dirname "${BASH_SOURCE[0]}")/slurm_down.sh" "$STATE_DIR"
     exit "$1"
@@ -187,5 +190,6 @@ write_conf
 slurmctld -c -f "$SLURM_CONF"
 slurmd -c -f "$SLURM_CONF"
 wait_idle
+rm -f "$STATE_DIR/slurm_up.pid"
 log "slurm up in $(elapsed "$T0") s: SLURM_CONF=$SLURM_CONF, partition '$PARTITION'"
 echo "$SLURM_CONF"
