@@ -56,14 +56,15 @@ def _float32_run(p32, theta, k, rtol, refusable):
     """loss_and_grad in float32 and the accuracy it states (10 x its effective rtol).
 
     100 eps cannot be certified in float32 once eps * ||T A|| (rounding of a stiff time
-    integral) is of that size: where ``refusable``, an AccuracyError is accepted and rtol = 1e-4
-    must then be met.
+    integral; 3e-4 on the 16 x 16 grid, whose float32 gradient is 1.3e-3 off at k = 30 in one
+    step) is larger: where ``refusable``, an AccuracyError is accepted and rtol = 1e-3 must then
+    be met.
     """
     try:
         loss, grad, info = dd.loss_and_grad(p32, theta, k=k, rtol=rtol, return_info=True)
     except dd.AccuracyError:
         assert refusable
-        rtol = 1e-4
+        rtol = 1e-3
         loss, grad, info = dd.loss_and_grad(p32, theta, k=k, rtol=rtol, return_info=True)
     return loss, grad, info, 10 * adjoint.effective_rtol(rtol, np.float32)
 
