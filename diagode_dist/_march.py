@@ -28,7 +28,7 @@ _ROUNDING_SHARE = 0.2
 """Share of a step's tolerance rtol * tau / T given to its rounding floor (at least 8 x the floor
 of a step without cancellation, which no step size can lower); truncation gets the rest, so the
 sum over steps stays within rtol."""
-_SAFETY = 5.0
+_SAFETY = 3.0
 """Safety factor on the Saad/Expokit truncation estimate, which can sit 10-20x below the true
 error on strongly non-normal Hessenberg matrices."""
 _GROWTH_LIMIT = 1e13
@@ -77,11 +77,40 @@ class _Acceptor:
         self.tau = array_module(norms).asarray(tau)
         self.checks = {}  # dimension m -> (y (c, m), Estimate)
 
-    def __call__(self, hessenberg, basis):
-        y, est = _estimate(hessenberg[:, :-1, :], hessenberg[:, -1, -1], self.norms, self.tau,
-                           basis, self.n_rows)
+    def __call__(self, hessenberg, basis, rows=None):
+        """Which columns meet their tolerance at dimension m = basis.shape[0] (host bools (c,));
+        only ``rows`` (host ints) are computed when given, the others are False."""
+        c = self.tau_host.size
+        if rows is None or rows.size == c:
+            y, est = _estimate(hessenberg[:, :-1, :], hessenberg[:, -1, -1], self.norms,
+                               self.tau, basis, self.n_rows)
+        else:
+            xp = array_module(self.norms)
+            sub = xp.asarray(rows)
+            y_rows, est_rows = _estimate(hessenberg[sub, :-1, :], hessenberg[sub, -1, -1],
+                                         self.norms[sub], self.tau[sub], basis[:, sub],
+                                         self.n_rows)
+            y = xp.zeros((c, basis.shape[0]), dtype=y_rows.dtype)
+            y[sub] = y_rows
+            est = Estimate(np.full(c, np.nan), np.full(c, np.nan), est_rows.eps)
+            est.put(rows, est_rows)
         self.checks[basis.shape[0]] = (y, est)
         return est.meets(self.rtol * self.tau_host / self.T)
+
+    def predict_dimensions(self, d1, d2):
+        """Per column (host (c,)), the dimension at which its truncation estimate should meet
+        its tolerance, extrapolating the geometric decay between its checks at dimensions d1 and
+        d2 (host ints, 0 = not checked); NaN where that cannot be told."""
+        e1, e2 = np.full(d1.size, np.nan), np.full(d1.size, np.nan)
+        for dims, values in ((d1, e1), (d2, e2)):
+            for dim in np.unique(dims[dims > 0]):
+                rows = dims == dim
+                values[rows] = self.checks[int(dim)][1].truncation[rows]
+        tol = (1 - _ROUNDING_SHARE) * self.rtol * self.tau_host / self.T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = (np.log(e2) - np.log(e1)) / (d2 - d1)
+            need = d2 + (np.log(tol) - np.log(e2)) / rate
+        return np.where((rate < 0) & np.isfinite(need), need, np.nan)
 
     def at_final_dims(self, proj):
         """(y (c, m), Estimate) at each column's final dimension, from the checks where

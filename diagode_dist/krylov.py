@@ -56,8 +56,9 @@ def arnoldi(apply, start, k_max: int, accept=None, check_every: int = 4,
         The operator applied to every row.
     start : (c, N) start vectors (any norm; a zero vector gives a zero projection).
     k_max : maximum Krylov dimension (capped at N).
-    accept : callable (hessenberg (c, m+1, m), basis (m, c, N)) -> host bool (c,), optional
-        Says which columns meet their error estimate at dimension m. It is asked every
+    accept : callable (hessenberg (c, m+1, m), basis (m, c, N), rows) -> host bool (c,),
+        optional. Says which of the columns ``rows`` (host ints; the others are not computed)
+        meet their error estimate at dimension m. A column is asked every
         ``check_every`` dimensions, at ``k_max`` and whenever some h_{m+1,m} is tiny (a
         breakdown ends a column only when the estimate with that h accepts it); an accepted
         column keeps dimension m. Without it every column runs to ``k_max`` or its breakdown.
@@ -81,6 +82,7 @@ def arnoldi(apply, start, k_max: int, accept=None, check_every: int = 4,
     dims = np.full(c, k_max)
     done = np.zeros(c, dtype=bool)
     m = k_max
+    schedule = _Schedule(c, check_every)
     for j in range(k_max):
         w = apply(basis[j])
         scale = xp.linalg.norm(w, axis=1)
@@ -96,13 +98,20 @@ def arnoldi(apply, start, k_max: int, accept=None, check_every: int = 4,
             newly = fixed_dims == j + 1
         elif accept is None:
             newly = tiny.copy()
-        elif (j + 1) % check_every == 0 or j + 1 == k_max or tiny.any():
-            # A tiny h_{j+1,j} is a breakdown (an invariant subspace, exact at this dimension)
-            # only if the estimate computed with that h agrees: a component 1e-13 in a slow
-            # direction behind a stiff one may be all that is left after the decay.
-            newly = np.asarray(accept(hess[:, : j + 2, : j + 1], basis[: j + 1])) & ~done
         else:
+            # A column is checked on its own schedule only (every ``check_every`` dimensions,
+            # earlier where its own estimates predict success, at k_max, and at a tiny
+            # h_{j+1,j}), so its dimension does not depend on the other columns of the chunk.
+            # A tiny h is a breakdown (an invariant subspace, exact at this dimension) only if
+            # the estimate computed with that h agrees: a component 1e-13 in a slow direction
+            # behind a stiff one may be all that is left after the decay.
+            due = ~done & (schedule.due(j + 1) | tiny | (j + 1 == k_max))
             newly = np.zeros(c, dtype=bool)
+            if due.any():
+                ok = np.asarray(accept(hess[:, : j + 2, : j + 1], basis[: j + 1],
+                                       np.nonzero(due)[0]))
+                newly = ok & due
+                schedule.checked(due & ~newly, j + 1, accept)
         broken = xp.asarray(newly & tiny)
         hess[:, j + 1, j] = xp.where(broken, 0.0, h_next)
         basis[j + 1] = _divide_rows(w, hess[:, j + 1, j], xp)
@@ -114,6 +123,29 @@ def arnoldi(apply, start, k_max: int, accept=None, check_every: int = 4,
     if fixed_dims is not None:
         dims, done = np.asarray(fixed_dims).copy(), np.ones(c, dtype=bool)
     return _truncate(basis, hess, norms, dims, done, m, xp)
+
+
+class _Schedule:
+    """Per-column check dimensions: every ``check_every``, or earlier where the column's own
+    last two estimates, decaying geometrically, predict that it meets its tolerance."""
+
+    def __init__(self, c, check_every):
+        self.every = check_every
+        self.next = np.full(c, check_every)
+        self.last = np.zeros((2, c), dtype=np.int64)  # the column's last two checked dimensions
+
+    def due(self, m):
+        return self.next <= m
+
+    def checked(self, rows, m, accept):
+        """Columns ``rows`` were checked at dimension m and not accepted: plan their next."""
+        self.last[0, rows], self.last[1, rows] = self.last[1, rows], m
+        plan = np.full(rows.size, (m // self.every + 1) * self.every, dtype=float)  # aligned
+        predict = getattr(accept, "predict_dimensions", None)
+        if predict is not None:
+            guess = predict(self.last[0], self.last[1])
+            plan = np.where(np.isfinite(guess), np.clip(np.ceil(guess), m + 1, plan), plan)
+        self.next[rows] = plan[rows].astype(np.int64)
 
 
 def _truncate(basis, hess, norms, dims, converged, m, xp) -> Projection:
