@@ -207,20 +207,24 @@ def _choose_steps(proj, accept, remaining, T, rtol, n_rows):
 
     Returns host tau (c,), the coefficients y (c, m) at those steps and their Estimate.
     """
+    xp = array_module(proj.norms)
     tau = remaining.copy()
     y, est = accept.at_final_dims(proj)
-    m = max(int(proj.basis.shape[0]), 1)
     for _ in range(_SHRINK_TRIES):
         tol = rtol * tau / T
-        bad = ~est.meets(tol)
-        if not bad.any():
+        bad = np.nonzero(~est.meets(tol))[0]
+        if not bad.size:
             break
         worst = np.maximum(
             est.truncation[bad] / np.maximum((1 - _ROUNDING_SHARE) * tol[bad], 1e-300),
             est.rounding[bad] / est.rounding_budget(tol[bad]))
         ratio = np.where(np.isfinite(worst), 1.0 / np.maximum(worst, 1e-300), 0.0)
-        tau[bad] *= np.clip(0.9 * ratio ** (1.0 / m), 0.05, 0.9)
-        y, est = _relative_error(proj, tau, n_rows)
+        # each column by its own dimension: a step does not depend on the chunk's other columns
+        tau[bad] *= np.clip(0.9 * ratio ** (1.0 / np.maximum(proj.dims[bad], 1)), 0.05, 0.9)
+        rows = xp.asarray(bad)
+        y_bad, est_bad = _relative_error(_rows_of(proj, rows), tau[bad], n_rows)  # only these
+        y[rows] = y_bad
+        est.put(bad, est_bad)
     return tau, y, est
 
 
