@@ -144,7 +144,9 @@ class _Schedule:
         predict = getattr(accept, "predict_dimensions", None)
         if predict is not None:
             guess = predict(self.last[0], self.last[1])
-            plan = np.where(np.isfinite(guess), np.clip(np.ceil(guess), m + 1, plan), plan)
+            early = np.clip(np.ceil(guess), m + 1, plan)
+            # an early check must save at least two dimensions to pay for itself
+            plan = np.where(np.isfinite(guess) & (early <= plan - 2), early, plan)
         self.next[rows] = plan[rows].astype(np.int64)
 
 
