@@ -303,7 +303,7 @@ def _check_growth(x_start, x_new, tau, t):
     """Refuse a state that left the floating-point range: A itself grows that fast."""
     xp = array_module(x_new)
     limit = float(np.finfo(x_new.dtype).max) ** 0.4  # its norm must not overflow either
-    size = to_numpy(xp.linalg.norm(x_new.astype(xp.float64), axis=1))
+    size = to_numpy(xp.linalg.norm(x_new.astype(xp.float64, copy=False), axis=1))
     bad = ~np.isfinite(size) | (size > limit)
     if bad.any():
         before = to_numpy(xp.linalg.norm(x_start.astype(xp.float64), axis=1))[bad]

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from ._array import array_module, is_sparse, to_module, to_numpy
+from ._array import array_module, to_module, to_numpy
 from ._checks import check_int
 from ._march import MAX_SUBSTEPS, Accuracy, march_adjoint, march_forward
 from .errors import AccuracyError
@@ -133,15 +133,8 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
 
 
 def _operator_norm(prob, d) -> float:
-    """||A||_1 bound of A = A0 + diag(d): largest column sum of |A0| plus |d| (O(nnz)).
-
-    A dense A0 is read in blocks of rows, so no n x n temporary is made."""
-    xp, A0 = prob.xp, prob.A0
-    if is_sparse(A0):
-        col_sums = xp.asarray(abs(A0).sum(axis=0)).ravel()
-    else:
-        col_sums = sum(xp.abs(A0[i: i + 64]).sum(axis=0) for i in range(0, A0.shape[0], 64))
-    return float(xp.max(col_sums + xp.abs(d)))
+    """||A||_1 bound of A = A0 + diag(d): largest column sum of |A0| plus |d|."""
+    return float(prob.xp.max(prob.A0_abs_col_sums + prob.xp.abs(d)))
 
 
 def check_inputs(prob, theta, param=None, k=30, rtol=DEFAULT_RTOL, max_chunk_columns=None,

@@ -55,8 +55,7 @@ class Problem:
         self.T = _positive_time(T)
         self.beta = finite_real(beta, "beta")
         self.loss = _make_loss(loss, labels, obs_times, targets, self, xp)
-        # A0^T once, as CSR when sparse, so adjoint products are as fast as forward ones.
-        self.A0T = self.A0.T.tocsr() if is_sparse(self.A0) else self.A0.T
+        self._derive_from_operator()
         self.symmetric = _is_symmetric(self.A0, xp) if symmetric is None else bool(symmetric)
 
     @property
@@ -101,11 +100,24 @@ class Problem:
         moved = object.__new__(Problem)
         moved.__dict__.update(self.__dict__)
         if A0 is None:
-            moved.A0 = moved.A0T = None
+            moved.A0 = moved.A0T = moved.A0_abs_col_sums = None
             return moved
         moved.A0 = _operator(A0, self.n, self.xp, self.dtype) if check else A0
-        moved.A0T = moved.A0.T.tocsr() if is_sparse(moved.A0) else moved.A0.T
+        moved._derive_from_operator()
         return moved
+
+    def _derive_from_operator(self) -> None:
+        """What the numerics read off A0 on every call, computed once per operator: A0^T (CSR
+        when sparse, so adjoint products are as fast as forward ones) and the column sums of
+        |A0| (n,) that bound ||A||_1 (a dense A0 is read in blocks of 64 rows, so no n x n
+        temporary is made)."""
+        A0, xp = self.A0, self.xp
+        self.A0T = A0.T.tocsr() if is_sparse(A0) else A0.T
+        if is_sparse(A0):
+            self.A0_abs_col_sums = xp.asarray(abs(A0).sum(axis=0)).ravel()
+        else:
+            self.A0_abs_col_sums = sum(xp.abs(A0[i: i + 64]).sum(axis=0)
+                                       for i in range(0, A0.shape[0], 64))
 
     def to_device(self, xp) -> Problem:
         """The same problem with its arrays moved to ``xp`` (``numpy`` or ``cupy``)."""
@@ -115,7 +127,7 @@ class Problem:
         moved.__dict__.update(self.__dict__)
         moved.xp = xp
         moved.A0 = sparse_to_module(self.A0, xp) if is_sparse(self.A0) else to_module(self.A0, xp)
-        moved.A0T = moved.A0.T.tocsr() if is_sparse(moved.A0) else moved.A0.T
+        moved._derive_from_operator()
         moved.F = to_module(self.F, xp)
         moved.x0 = None if self.x0 is None else to_module(self.x0, xp)
         moved.loss = self.loss.to_device(lambda a: to_module(a, xp))
