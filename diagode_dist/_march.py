@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._array import array_module, to_numpy
+from ._array import array_module, basis_combine, to_numpy
 from .errors import AccuracyError
 from .expm import expm_batched
 from .krylov import Projection, arnoldi, combine, exp_and_error
@@ -417,6 +417,9 @@ def _forward_coefficients(proj, begin):
 
 
 def _contract(adjoint_basis, M, forward_basis):
-    """sum_c rowsum((W_c M_c) ⊙ V_c): W (ma, c, n), M (c, ma, mf), V (mf, c, n) -> (n,)."""
-    WM = M.transpose(0, 2, 1) @ adjoint_basis.transpose(1, 0, 2)  # (c, mf, n)
-    return (WM * forward_basis.transpose(1, 0, 2)).sum(axis=(0, 1))
+    """sum_c rowsum((W_c M_c) ⊙ V_c): W (ma, c, n), M (c, ma, mf), V (mf, c, n) -> (n,).
+    The bases are read where they lie (no transposed copies); W M is the one (c, mf, n)
+    temporary, multiplied in place."""
+    WM = basis_combine(adjoint_basis, M.transpose(0, 2, 1))  # (c, mf, n)
+    WM *= forward_basis.transpose(1, 0, 2)
+    return WM.sum(axis=(0, 1))

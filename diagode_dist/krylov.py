@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._array import array_module, to_numpy
+from ._array import array_module, basis_combine, basis_dot, to_numpy
 from .expm import expm_batched
 
 BREAKDOWN_RTOL = 1e-12
@@ -167,13 +167,15 @@ def _cgs2(basis, w):
 
 
 def project(basis, w):
-    """Coefficients <v_i, w> per column: basis (m, c, N), w (c, N) -> (c, m)."""
-    return (basis.transpose(1, 0, 2) @ w[:, :, None])[:, :, 0]
+    """Coefficients <v_i, w> per column: basis (m, c, N), w (c, N) -> (c, m). The basis is
+    read where it lies (a slice of the (k+1, c, N) array), never copied."""
+    return basis_dot(basis, w)
 
 
 def combine(basis, coeffs):
-    """Sum_i coeffs[:, i] v_i per column: basis (m, c, N), coeffs (c, m) -> (c, N)."""
-    return (coeffs[:, None, :] @ basis.transpose(1, 0, 2))[:, 0, :]
+    """Sum_i coeffs[:, i] v_i per column: basis (m, c, N), coeffs (c, m) -> (c, N); the
+    basis is read where it lies, never copied."""
+    return basis_combine(basis, coeffs)
 
 
 def _divide_rows(w, norms, xp):
