@@ -247,3 +247,113 @@ def test_predict_chunk_bytes_scales():
     assert adjoint.predict_chunk_bytes(1000, 16, 30) == 16 * one
     assert one >= 2 * 31 * 1001 * 8
     assert adjoint.predict_chunk_bytes(1000, 1, 30, itemsize=4) * 2 == one
+
+
+# ---- basis products: no copy of the basis --------------------------------------------------
+
+def _column_major_gemm(plan, a_flat, a_offset, b_flat, alpha=1.0):
+    """What cuBLAS's strided-batched GEMM computes from flat buffers (column-major, items)."""
+    m, n, k = plan["m"], plan["n"], plan["k"]
+    out = np.zeros(plan["batch"] * plan["stride_c"])
+    rows_a, cols_a = (k, m) if plan["trans_a"] else (m, k)
+    for b in range(plan["batch"]):
+        idx = (a_offset + b * plan["stride_a"] + np.arange(rows_a)[:, None]
+               + plan["lda"] * np.arange(cols_a)[None, :])
+        A = a_flat[idx]
+        A = A.T if plan["trans_a"] else A
+        B = b_flat[b * plan["stride_b"] + np.arange(k)[:, None]
+                   + plan["ldb"] * np.arange(n)[None, :]]
+        C = alpha * A @ B
+        out[b * plan["stride_c"] + np.arange(m)[:, None]
+            + plan["ldc"] * np.arange(n)[None, :]] = C
+    return out
+
+
+@pytest.mark.parametrize("r", [1, 3])
+def test_gemm_plan_reads_a_sliced_basis_in_place(r):
+    """The GPU path's cuBLAS arguments, emulated on the host buffers: they give what the
+    NumPy products give, for a slice of a (K, c, N) basis (rows 1..3, state cut to N - 1)."""
+    from diagode_dist import _array
+
+    K, c, N = 6, 5, 11
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((K, c, N))
+    basis = full[1:4, :, : N - 1]  # what arnoldi's checks and _contract pass
+    offset = (basis.__array_interface__["data"][0] - full.ctypes.data) // 8
+    w = rng.standard_normal((c, N - 1))
+    plan = _array.gemm_plan(basis.shape, basis.strides, 8, transpose=True)
+    dots = _column_major_gemm(plan, full.ravel(), offset, w.ravel())
+    np.testing.assert_allclose(dots.reshape(c, 3), _array.basis_dot(basis, w), rtol=1e-13)
+    coeffs = rng.standard_normal((c, r, 3))
+    plan = _array.gemm_plan(basis.shape, basis.strides, 8, transpose=False, r=r)
+    sums = _column_major_gemm(plan, full.ravel(), offset, coeffs.ravel())
+    np.testing.assert_allclose(sums.reshape(c, r, N - 1),
+                               _array.basis_combine(basis, coeffs), rtol=1e-13)
+    assert plan["lda"] == c * N and plan["stride_a"] == N  # the basis where it lies
+
+
+def test_basis_products_make_no_copy_of_the_basis():
+    """A CGS2 step and the gradient contraction allocate a few state vectors, not the basis
+    (a transposed copy would add m c N items)."""
+    from diagode_dist import _march, krylov
+
+    m, c, N = 16, 8, 20_000
+    rng = np.random.default_rng(1)
+    full = rng.standard_normal((m + 1, c, N))
+    w = rng.standard_normal((c, N))
+    vector = 8 * c * N
+    peak, _ = _traced_peak(lambda: krylov._cgs2(full[:m], w))
+    assert peak <= 6 * vector, peak / vector
+    M = rng.standard_normal((c, m, 4))
+    peak, _ = _traced_peak(lambda: _march._contract(full[:m, :, : N - 1], M,
+                                                     full[:4, :, : N - 1]))
+    assert peak <= 1.1 * 4 * vector, peak / vector  # W M (c, 4, N) only
+
+
+def _held_while_kept(intervals):
+    """Bytes really held (each buffer under a kept basis once -- a view holds its whole base
+    array -- plus the start vectors, always held) at the last interval whose basis was kept,
+    and how many were kept."""
+    buffers, starts, kept, held = {}, 0, 0, 0
+    for iv in intervals:
+        starts += iv.start.nbytes
+        if iv.projection is not None:
+            kept += 1
+            basis = iv.projection.basis
+            owner = basis if basis.base is None else basis.base
+            buffers[id(owner)] = owner.nbytes
+            held = sum(buffers.values()) + starts
+    return held, kept
+
+
+def _mse_many_times(n=400, S=4, times=40, seed=25):
+    A0, F, _, theta = _scaled_random(n, S, seed=seed)
+    rng = np.random.default_rng(seed)
+    obs = np.linspace(2.0 / times, 2.0, times)
+    prob = dd.Problem(A0, F, x0=rng.standard_normal((n, S)), T=2.0, obs_times=obs,
+                      targets=rng.standard_normal((times, n, S)), loss="mse")
+    return prob, theta
+
+
+def test_kept_bases_are_counted_as_held(monkeypatch):
+    """MSE at 40 observation times (short steps, few dimensions each): what the kept bases and
+    start vectors really hold stays within the half of the budget given to them."""
+    prob, theta = _mse_many_times()
+    loss_all, grad_all = dd.loss_and_grad(prob, theta, k=30, max_chunk_columns=prob.S)
+    seen = []
+    original = adjoint.march_forward
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.append((args[6], _held_while_kept(result[1])))  # keep_bytes, (held, kept)
+        return result
+
+    monkeypatch.setattr(adjoint, "march_forward", recording)
+    one_basis = 31 * prob.S * (prob.n + 1) * 8
+    budget = 2 * 6 * one_basis  # room for about 6 full bases, or ~20 of the short ones
+    monkeypatch.setattr(adjoint, "memory_budget", lambda xp: budget)
+    loss, grad = dd.loss_and_grad(prob, theta, k=30, max_chunk_columns=prob.S)
+    (keep_bytes, (held, kept)), = seen
+    assert kept >= 6, kept  # the budget is used...
+    assert held <= keep_bytes, f"held {held} B > {keep_bytes} B ({held / keep_bytes:.2f}x)"
+    assert loss == loss_all and np.array_equal(grad, grad_all)  # ...and nothing changes
