@@ -76,7 +76,7 @@ class _Acceptor:
         """norms (c,) device; tau (c,) host steps; rtol, T floats."""
         self.norms, self.tau_host, self.rtol, self.T = norms, tau, rtol, T
         self.n_rows = n_rows
-        self.tau = array_module(norms).asarray(tau)
+        self.tau = array_module(norms).asarray(tau, dtype=norms.dtype)  # float32 stays float32
         self.checks = {}  # dimension m -> (y (c, m), Estimate)
 
     def __call__(self, hessenberg, basis, rows=None):
@@ -198,8 +198,8 @@ def _eps(array) -> float:
 def _relative_error(proj, tau, n_rows):
     """y and the relative Estimate per column at (host) steps tau."""
     xp = array_module(proj.norms)
-    return _estimate(proj.square, proj.next_subdiag, proj.norms, xp.asarray(tau), proj.basis,
-                     n_rows)
+    return _estimate(proj.square, proj.next_subdiag, proj.norms,
+                     xp.asarray(tau, dtype=proj.norms.dtype), proj.basis, n_rows)
 
 
 def _choose_steps(proj, accept, remaining, T, rtol, n_rows):
@@ -397,10 +397,11 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
         sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))
         acc.adjoint[iv.columns[active]] += est.total + _van_loan_rounding(adj, sigma, sub)
         y_start, y_norm = _forward_coefficients(sub, begin)
+        steps = xp.asarray(sigma, dtype=lam.dtype)  # host float64 -> the working precision
         if time_integral == "vanloan":
-            M = van_loan(adj.square, sub.square, xp.asarray(sigma), y_start)
+            M = van_loan(adj.square, sub.square, steps, y_start)
         else:
-            M = trapezoid(adj.square, sub.square, xp.asarray(sigma), y_start, quad_points)
+            M = trapezoid(adj.square, sub.square, steps, y_start, quad_points)
         grad += _contract(adj.basis, M * (adj.norms * y_norm)[:, None, None],
                           sub.basis[:, :, :n])
         lam[rows] = combine(adj.basis, z)
@@ -433,7 +434,8 @@ def _forward_coefficients(proj, begin):
         unit = xp.zeros((proj.norms.shape[0], m), dtype=proj.norms.dtype)
         unit[:, 0] = 1.0
         return unit, proj.norms
-    y = expm_batched(xp.asarray(begin)[:, None, None] * proj.square)[:, :, 0]
+    y = expm_batched(xp.asarray(begin, dtype=proj.square.dtype)[:, None, None]
+                     * proj.square)[:, :, 0]
     y_norm = xp.linalg.norm(y, axis=1)
     return y / xp.where(y_norm > 0, y_norm, 1.0)[:, None], y_norm * proj.norms
 

@@ -181,7 +181,8 @@ def combine(basis, coeffs):
 def _divide_rows(w, norms, xp):
     """w / norms row by row, with exact zeros where the norm is zero."""
     safe = xp.where(norms > 0, norms, 1.0)
-    return w * (xp.where(norms > 0, 1.0, 0.0) / safe)[:, None]
+    inverse = (norms > 0).astype(w.dtype) / safe  # in w's precision: no float64 (c, N) copy
+    return w * inverse[:, None]
 
 
 def exp_and_error(hessenberg, next_subdiag, norms, tau):

@@ -41,11 +41,11 @@ def trapezoid(G, H, tau, y_start, quad_points: int):
     """
     xp = array_module(G)
     c, ma, _ = G.shape
-    frac = xp.linspace(0.0, 1.0, quad_points)
+    frac = xp.linspace(0.0, 1.0, quad_points, dtype=G.dtype)
     s = tau[:, None] * frac[None, :]  # (c, Q) forward times
     y = (expm_batched(s[:, :, None, None] * H[:, None]) @ y_start[:, None, :, None])[..., 0]
     z = expm_batched((tau[:, None] - s)[:, :, None, None] * G[:, None])[..., 0]  # (c, Q, ma)
-    weights = xp.full(quad_points, 1.0 / (quad_points - 1))
+    weights = xp.full(quad_points, 1.0 / (quad_points - 1), dtype=G.dtype)
     weights[0] = weights[-1] = 0.5 / (quad_points - 1)
     w = tau[:, None] * weights[None, :]  # (c, Q)
     return (z * w[:, :, None]).transpose(0, 2, 1) @ y  # (c, ma, mf)

@@ -357,3 +357,72 @@ def test_kept_bases_are_counted_as_held(monkeypatch):
     assert kept >= 6, kept  # the budget is used...
     assert held <= keep_bytes, f"held {held} B > {keep_bytes} B ({held / keep_bytes:.2f}x)"
     assert loss == loss_all and np.array_equal(grad, grad_all)  # ...and nothing changes
+
+
+# ---- float32: every intermediate in float32 --------------------------------------------------
+
+def _record_dtypes(monkeypatch):
+    """Wrap the numerics' building blocks; returns the set of (function, dtype) of every float
+    array they received or returned."""
+    from diagode_dist import _march, krylov, time_integral
+
+    seen = set()
+
+    def note(name, value):
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+                seen.add((name, v.dtype))
+
+    def wrap(module, name):
+        original = getattr(module, name, None)
+        if original is None:
+            return
+
+        def recorded(*args, **kwargs):
+            for a in args:
+                note(name, a)
+            result = original(*args, **kwargs)
+            note(name, result)
+            return result
+
+        monkeypatch.setattr(module, name, recorded)
+
+    for module, names in ((krylov, ("expm_batched", "basis_dot", "basis_combine",
+                                    "_divide_rows")),
+                          (_march, ("expm_batched", "basis_combine", "van_loan", "trapezoid",
+                                    "combine")),
+                          (time_integral, ("expm_batched", "expm_block_upper"))):
+        for name in names:
+            wrap(module, name)
+    return seen
+
+
+@pytest.mark.parametrize("time_integral", ["vanloan", "trapezoid"])
+def test_float32_intermediates_stay_float32(monkeypatch, time_integral):
+    """Steps, exponentials, the Van Loan integral and every basis product run in float32 (a
+    float64 step length made the whole time integral and a copy of the adjoint basis float64)."""
+    A0, F, labels, theta = _scaled_random(256, 4, seed=26)
+    prob = dd.Problem(A0.astype(np.float32), F.astype(np.float32), labels, T=20.0)
+    seen = _record_dtypes(monkeypatch)
+    _, grad = dd.loss_and_grad(prob, theta.astype(np.float32), k=10, rtol=1e-3,
+                               time_integral=time_integral)
+    assert grad.dtype == np.float32
+    names = {name for name, _ in seen}
+    assert {"combine", "expm_batched"} <= names
+    assert {"vanloan": "van_loan"}.get(time_integral, time_integral) in names
+    assert {dtype for _, dtype in seen} == {np.dtype(np.float32)}, sorted(
+        (name, str(dtype)) for name, dtype in seen if dtype != np.float32)
+
+
+def test_float32_chunk_peak_within_prediction(monkeypatch):
+    """float32 working set against predict_chunk_bytes with 4-byte items (float64 temporaries
+    of the adjoint basis would double part of it)."""
+    n, k, c = 1024, 30, 8
+    A0, F, labels, theta = _scaled_random(n, c, seed=20)
+    prob = dd.Problem(A0.astype(np.float32), F.astype(np.float32), labels, T=20.0)
+    monkeypatch.setattr(adjoint, "memory_budget", lambda xp: 0)
+    peak, _ = _traced_peak(lambda: dd.loss_and_grad(
+        prob, theta.astype(np.float32), k=k, rtol=1e-3, max_chunk_columns=c))
+    predicted = adjoint.predict_chunk_bytes(n, c, k, itemsize=4)
+    assert peak <= predicted, f"peak {peak} B > predicted {predicted} B ({peak / predicted:.2f}x)"
