@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -272,13 +273,48 @@ def predict_chunk_bytes(n: int, columns: int, k: int, itemsize: int = 8,
 
 
 def memory_budget(xp) -> int:
-    """Bytes the numerics may use: a quarter of available host memory (at most 4 GiB) on the
-    CPU, half of the free device memory on the GPU. Half of it is the chunk's working set,
-    the other half bases kept across sub-steps (beyond that they are rebuilt)."""
-    if xp is np:
-        return min(_available_host_bytes() // 4, 4 << 30)
-    free, _ = xp.cuda.runtime.memGetInfo()  # pragma: no cover - GPU only
-    return int(free // 2)  # pragma: no cover
+    """Bytes the numerics may use, fixed once per process and device: a quarter of the host
+    memory available at the first call (at most 4 GiB) on the CPU; on the GPU half of what
+    was free then, counting the blocks CuPy's pool holds but does not use (a pool keeps freed
+    blocks, so the driver's free memory alone shrinks after the first call: another chunk
+    size, another summation order, and repeated calls would no longer agree bit for bit).
+    Half of the budget is the chunk's working set, the other half bases kept across
+    sub-steps (beyond that they are rebuilt)."""
+    key = (xp.__name__, _device_id(xp))
+    with _BUDGET_LOCK:
+        if key not in _BUDGETS:
+            _BUDGETS[key] = (min(_available_host_bytes() // 4, 4 << 30) if xp is np
+                             else _device_available_bytes(xp) // 2)
+        return _BUDGETS[key]
+
+
+_BUDGETS: dict = {}
+_BUDGET_LOCK = threading.Lock()
+
+
+def _device_id(xp) -> int:
+    return -1 if xp is np else int(xp.cuda.Device().id)
+
+
+def _device_available_bytes(xp) -> int:
+    """Free device memory plus what the array module's pool holds unused. When CuPy allocates
+    through another allocator (RMM's pool under dask-cuda), the driver's free memory does not
+    see that pool's unused part: then 80 % of the device (one worker per GPU)."""
+    free, total = xp.cuda.runtime.memGetInfo()
+    pool = xp.get_default_memory_pool()
+    if _external_allocator(xp, pool):
+        return int(0.8 * total)
+    return int(free + pool.free_bytes())
+
+
+def _external_allocator(xp, pool) -> bool:
+    """True when CuPy's current allocator is not its default pool's (e.g. RMM's)."""
+    try:
+        current = xp.cuda.get_allocator()
+    except Exception:  # an older CuPy without get_allocator: the default pool
+        return False
+    own = getattr(current, "__self__", None)
+    return own is not pool
 
 
 def _default_chunk(prob, k, quad_points=None) -> int:

@@ -69,3 +69,61 @@ def test_select_gives_the_same_as_columns():
     loss_sub, grad_sub = dd.loss_and_grad(sub, theta)
     assert abs(loss_sub - loss) <= 1e-14 * abs(loss)
     assert relative_error(grad_sub, grad) <= 1e-13
+
+
+# ---- the memory budget: fixed once per process and device -----------------------------------
+
+def test_budget_and_chunks_stable_while_free_memory_changes(monkeypatch):
+    """Free host memory changes between calls; the budget, the chunks and so the floats do
+    not."""
+    from diagode_dist import adjoint
+
+    available = iter([8 << 30, 1 << 30, 3 << 30, 200 << 20])
+    monkeypatch.setattr(adjoint, "_BUDGETS", {})
+    monkeypatch.setattr(adjoint, "_available_host_bytes", lambda: next(available))
+    budgets = [adjoint.memory_budget(np) for _ in range(3)]
+    assert budgets == [2 << 30] * 3  # a quarter of the first reading, then fixed
+    prob, _, _, _, theta = _problem(False)
+    assert adjoint._default_chunk(prob, 30) == adjoint._default_chunk(prob, 30)
+
+
+class _FakeCupy:
+    """The CUDA runtime and memory pool as memory_budget sees them (no GPU needed): a pool that
+    keeps freed blocks lowers the driver's free memory after a call."""
+
+    __name__ = "cupy"
+
+    def __init__(self, free, pool_free, total=80 << 30, external=False):
+        from types import SimpleNamespace
+
+        self.readings = iter(free)
+        readings = iter(pool_free)
+
+        class Pool:
+            def free_bytes(self):
+                return next(readings)
+
+            def malloc(self, size):
+                raise AssertionError("nothing is allocated")
+
+        pool = Pool()
+        self.get_default_memory_pool = lambda: pool
+        allocator = (lambda size: None) if external else pool.malloc
+        self.cuda = SimpleNamespace(
+            runtime=SimpleNamespace(memGetInfo=lambda: (next(self.readings), total)),
+            Device=lambda: SimpleNamespace(id=0), get_allocator=lambda: allocator)
+
+
+def test_device_budget_counts_the_pool_and_stays_fixed(monkeypatch):
+    from diagode_dist import adjoint
+
+    monkeypatch.setattr(adjoint, "_BUDGETS", {})
+    # first call: 40 GB free, 10 GB held unused by the pool -> budget (40 + 10) / 2
+    fake = _FakeCupy(free=[40 << 30, 30 << 30], pool_free=[10 << 30, 20 << 30])
+    assert adjoint._device_available_bytes(fake) == 50 << 30
+    assert adjoint._device_available_bytes(fake) == 50 << 30  # the same memory, pool or not
+    fake = _FakeCupy(free=[40 << 30, 20 << 30], pool_free=[0, 0])
+    first = adjoint.memory_budget(fake)
+    assert first == 20 << 30 and adjoint.memory_budget(fake) == first
+    rmm = _FakeCupy(free=[1 << 30], pool_free=[0], total=80 << 30, external=True)
+    assert adjoint._device_available_bytes(rmm) == int(0.8 * (80 << 30))
