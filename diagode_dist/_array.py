@@ -129,9 +129,9 @@ def _cublas_basis_product(basis, other, transpose):  # pragma: no cover - GPU on
     handle = cp.cuda.device.get_cublas_handle()
     transposed, plain = 1, 0  # cublasOperation_t: CUBLAS_OP_T, CUBLAS_OP_N
     gemm(handle, transposed if plan["trans_a"] else plain, plain, plan["m"], plan["n"],
-         plan["k"], one.ctypes.data, basis.data.ptr, plan["lda"], plan["stride_a"], other.data.ptr, plan["ldb"],
-         plan["stride_b"], zero.ctypes.data, out.data.ptr, plan["ldc"], plan["stride_c"],
-         plan["batch"])
+         plan["k"], one.ctypes.data, basis.data.ptr, plan["lda"], plan["stride_a"],
+         other.data.ptr, plan["ldb"], plan["stride_b"], zero.ctypes.data, out.data.ptr,
+         plan["ldc"], plan["stride_c"], plan["batch"])
     return out
 
 
