@@ -126,8 +126,10 @@ class Problem:
         moved = object.__new__(Problem)
         moved.__dict__.update(self.__dict__)
         moved.xp = xp
-        moved.A0 = sparse_to_module(self.A0, xp) if is_sparse(self.A0) else to_module(self.A0, xp)
-        moved._derive_from_operator()
+        if self.A0 is not None:  # a problem without operator (with_operator(None)): columns only
+            moved.A0 = (sparse_to_module(self.A0, xp) if is_sparse(self.A0)
+                        else to_module(self.A0, xp))
+            moved._derive_from_operator()
         moved.F = to_module(self.F, xp)
         moved.x0 = None if self.x0 is None else to_module(self.x0, xp)
         moved.loss = self.loss.to_device(lambda a: to_module(a, xp))

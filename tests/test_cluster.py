@@ -104,6 +104,7 @@ def test_local_cluster_falls_back_when_dask_cuda_finds_no_driver(monkeypatch, ca
     calls = []
     error = NVMLError_LibraryNotFound("NVML Shared Library Not Found")
     monkeypatch.setitem(sys.modules, "dask_cuda", _dask_cuda_without_driver(error, calls))
+    monkeypatch.setitem(sys.modules, "rmm", types.ModuleType("rmm"))  # the pool needs it
     caplog.set_level(logging.INFO, logger="diagode_dist.service.cluster")
     with local_cluster(n_workers=1, cuda_visible_devices=[1, 3], rmm_pool_size=0.5,
                        processes=False) as cluster, Client(cluster) as client:
@@ -112,6 +113,7 @@ def test_local_cluster_falls_back_when_dask_cuda_finds_no_driver(monkeypatch, ca
     # LocalCUDACluster was asked for the right GPUs and pool before it failed
     assert calls and calls[0]["CUDA_VISIBLE_DEVICES"] == "1,3"
     assert calls[0]["rmm_pool_size"] == 0.5 and calls[0]["n_workers"] == 1
+    assert calls[0]["rmm_allocator_external_lib_list"] == ["cupy"]  # CuPy allocates from it
     assert "NVMLError_LibraryNotFound: NVML Shared Library Not Found" in caplog.text
     with pytest.raises(RuntimeError, match="NVMLError_LibraryNotFound"):
         local_cluster(n_workers=1, gpu=True)

@@ -28,6 +28,7 @@ parameter server with every push (``status()["shard_timings"]``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 
@@ -45,7 +46,7 @@ from diagode_dist.service.inputs import DaskShard
 from diagode_dist.service.protocol import ShardSpec
 from diagode_dist.train import epoch_batches
 
-_OPERATOR_CACHE_SIZE = 2  # A0s kept per worker process (host and device copies count apart)
+_OPERATOR_CACHE_SIZE = 3  # A0s kept per worker process (as read, validated, on the device)
 _PULL_TIMEOUT_S = 10.0  # a pull waits at most this long on the scheduler, then asks again
 
 
@@ -108,9 +109,10 @@ def _loss_grad(prob, theta: np.ndarray, spec: ShardSpec, columns: np.ndarray):
         return 0.0, np.zeros_like(theta), 0, {}
     theta_dev = prob.xp.asarray(np.require(theta, requirements="A"))  # see _aligned
     options = spec.options
-    loss_sum, grad_sum, count, info = loss_grad_sums(
-        prob, theta_dev, options.diagonal_map(), columns=columns, k=options.k,
-        rtol=options.rtol, max_chunk_columns=options.max_chunk_columns)
+    with _device_turn(prob.xp):
+        loss_sum, grad_sum, count, info = loss_grad_sums(
+            prob, theta_dev, options.diagonal_map(), columns=columns, k=options.k,
+            rtol=options.rtol, max_chunk_columns=options.max_chunk_columns)
     accuracy = {key: info[key] for key in ("error_estimate", "rtol_met") if key in info}
     return float(loss_sum), to_numpy(grad_sum), int(count), accuracy
 
@@ -145,8 +147,11 @@ def _load_problem(spec: ShardSpec, data, operator, blocks):
     """The shard's Problem on the worker's device (CuPy if it sees a GPU, else NumPy)."""
     if isinstance(data, ProblemFiles):
         token = data.operator_token()
-        host_A0 = _cached(token, data.load_operator)
-        piece = data.load_shard(slice(spec.lo, spec.hi), A0=host_A0)
+        piece = data.load_shard(slice(spec.lo, spec.hi), A0=_cached(token, data.load_operator))
+        # A0 as read from its file may be integer or of another precision than F: keep the
+        # validated, cast operator (a raw one would fail in cupyx or be cast on every product)
+        token += (str(piece.dtype),)
+        host_A0 = _cached(token, lambda: piece.A0)
     elif isinstance(data, DaskShard):
         token = ("graph", spec.run_id)
         host_A0 = _cached(token, lambda: _aligned(operator))
@@ -160,8 +165,26 @@ def _load_problem(spec: ShardSpec, data, operator, blocks):
         import cupy
 
         device_A0 = _cached(token + ("cupy",), lambda: _operator_to(host_A0, cupy))
-        return attach_operator(piece, device_A0).to_device(cupy)  # A0 is not copied again
+        return _columns_to_device(piece, device_A0, cupy)
     return piece if piece.A0 is host_A0 else attach_operator(piece, host_A0)
+
+
+def _columns_to_device(piece, device_A0, xp):
+    """The shard's columns moved to ``xp`` with the (cached) device operator attached: A0 is
+    not copied again, and A0^T and |A0|'s column sums are derived once, on the device."""
+    return attach_operator(detach_operator(piece).to_device(xp), device_A0)
+
+
+def _device_turn(xp):
+    """Shards of one worker process compute one at a time on a GPU (each sizes its chunks
+    from the whole memory budget; kernels of one device run in turn anyway); on the CPU they
+    run concurrently."""
+    if xp is np:
+        return contextlib.nullcontext()
+    return _DEVICE_LOCKS[int(xp.cuda.Device().id)]
+
+
+_DEVICE_LOCKS: collections.defaultdict = collections.defaultdict(threading.Lock)
 
 
 def detach_operator(piece):
