@@ -250,8 +250,10 @@ def probe_chunk(device: str, small: bool) -> dict[str, Any]:
     _free_pool(xp)
 
     def state() -> dict[str, Any]:
+        available = (None if xp is np else int(adjoint._device_available_bytes(xp)))
         return {"chunk_columns": int(adjoint._default_chunk(prob, K)),
-                "memory_budget": int(adjoint.memory_budget(xp)), "pool": _pool_bytes(xp)}
+                "memory_budget": int(adjoint.memory_budget(xp)), "pool": _pool_bytes(xp),
+                "available_free_plus_pool": available}
 
     before = state()
     start = time.perf_counter()
@@ -316,9 +318,11 @@ def probe_mse_obs(device: str, small: bool) -> dict[str, Any]:
 
 
 def _kept_bytes(result: Any) -> dict[str, Any]:
-    """From march_forward's (states, intervals, acc): the bases kept as counted (``nbytes`` of
-    each kept basis) and the bytes they own (their underlying buffers, each once), plus the
-    per-interval start arrays."""
+    """From march_forward's (states, intervals, acc): the bases kept as the march counts them
+    (``projection_bytes``) and the bytes they own (their underlying buffers, each once), plus
+    the per-interval start arrays."""
+    from diagode_dist._march import projection_bytes
+
     intervals = result[1]
     counted, owned, starts, kept = 0, {}, {}, 0
     for interval in intervals:
@@ -330,7 +334,7 @@ def _kept_bytes(result: Any) -> dict[str, Any]:
             continue
         kept += 1
         basis = proj.basis
-        counted += int(basis.nbytes)
+        counted += int(projection_bytes(proj))
         buffer = basis.base if getattr(basis, "base", None) is not None else basis
         owned[id(buffer)] = int(buffer.nbytes)
     return {"intervals": len(intervals), "intervals_kept": kept,

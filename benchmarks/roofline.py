@@ -11,11 +11,13 @@ CGS2 as written in ``diagode_dist.krylov`` (two passes of "project, then combine
                update   w = w - y      reads w, y, writes w (3 c N)
     CGS2 = two passes:  bytes(m) = 8 c N (4 m + 10)
 
-so the basis is read four times per step (twice per pass). Over an Arnoldi sweep of k steps
-(m = 1..k): 8 c N (2 k (k+1) + 10 k). A symmetric operator uses Lanczos: each step
-orthogonalises against the last two vectors only (m = min(j, 2)), so a k-step sweep moves
-8 c N (18 k - 4). Flops of one step: 8 m c N (a multiply-add per read basis entry), i.e. about
-0.25 flop/byte: far below any GPU's ridge point, hence memory-bound.
+so the basis is read four times per step (twice per pass). The projections read each column's
+basis where it lies in the (k+1, c, N) array (on CuPy one strided-batched GEMM: its matmul
+would first copy a non-contiguous basis slice, 8 c N (12 m + 10) bytes and m c N more memory).
+Over an Arnoldi sweep of k steps (m = 1..k): 8 c N (2 k (k+1) + 10 k). A symmetric operator
+uses Lanczos: each step orthogonalises against the last two vectors only (m = min(j, 2)), so
+a k-step sweep moves 8 c N (18 k - 4). Flops of one step: 8 m c N (a multiply-add per read
+basis entry), i.e. about 0.25 flop/byte: far below any GPU's ridge point, hence memory-bound.
 The roofline is the device's measured copy bandwidth (a large device-to-device copy reads and
 writes each byte once: 2 x size bytes per copy).
 
@@ -306,8 +308,8 @@ def gpu_report(repeat: int = 3, markdown: bool = False, k: int = 30, budget: flo
     ours = _fit_gradient(cp, k, repeat, log)
     info, (n, S) = ours.info, ours.host.F.shape
     free, total = cp.cuda.runtime.memGetInfo()
-    # 0.3: matmul on the transposed basis views may make contiguous copies of them
-    columns = columns_that_fit(free, n + 1, int(info["forward_dim"]) + 1, S, fraction=0.3)
+    # the projections copy no basis (strided-batched GEMM): the basis and a few vectors
+    columns = columns_that_fit(free, n + 1, int(info["forward_dim"]) + 1, S, fraction=0.5)
     kind = "Lanczos" if ours.symmetric else "Arnoldi"
     log(f"[gpu] CGS2 {kind} sweep c={columns} N={n + 1} m=1..{info['forward_dim']} ...")
     sweep = cgs2_sweep(cp, columns, n + 1, int(info["forward_dim"]), repeat=repeat,
