@@ -12,6 +12,7 @@ import scipy.sparse as sp
 from distributed import Client
 
 from diagode_dist.files import ProblemFiles
+from diagode_dist.service import _gpu_options as options_module
 from diagode_dist.service import cluster as cluster_module
 from diagode_dist.service import shard
 
@@ -26,23 +27,23 @@ def test_cpu_cluster_workers_see_no_gpu():
 
 
 def test_cpu_worker_env_keeps_user_env_and_threads():
-    kwargs = cluster_module._cpu_worker_env({"env": {"A": "1"}, "n_workers": 2})
+    kwargs = options_module.cpu_worker_env({"env": {"A": "1"}, "n_workers": 2})
     assert kwargs["env"] == {"A": "1", "CUDA_VISIBLE_DEVICES": ""}
     threads = {"processes": False}
-    assert cluster_module._cpu_worker_env(threads) == threads
+    assert options_module.cpu_worker_env(threads) == threads
 
 
 def test_rmm_pool_is_wired_to_cupy_or_refused(monkeypatch):
-    assert cluster_module._pool_size("0.8") == 0.8  # parse_bytes("0.8") would be 0 bytes
-    assert cluster_module._pool_size("24GB") == "24GB"
+    assert options_module.pool_size("0.8") == 0.8  # parse_bytes("0.8") would be 0 bytes
+    assert options_module.pool_size("24GB") == "24GB"
     with pytest.raises(ValueError, match="fraction of device memory"):
-        cluster_module._pool_size("3")
-    monkeypatch.setattr(cluster_module.importlib.util, "find_spec",
+        options_module.pool_size("3")
+    monkeypatch.setattr(options_module.importlib.util, "find_spec",
                         lambda name: None if name == "rmm" else object())
     with pytest.raises(ImportError, match="rmm_pool_size='24GB' needs RMM"):
-        cluster_module._rmm_options("24GB")
-    monkeypatch.setattr(cluster_module.importlib.util, "find_spec", lambda name: object())
-    assert cluster_module._rmm_options(0.5) == {
+        options_module.rmm_options("24GB")
+    monkeypatch.setattr(options_module.importlib.util, "find_spec", lambda name: object())
+    assert options_module.rmm_options(0.5) == {
         "rmm_pool_size": 0.5, "rmm_allocator_external_lib_list": ["cupy"]}
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from dask.utils import parse_bytes
 from distributed import LocalCluster
 
 from diagode_dist._checks import check_int
+from diagode_dist.service._gpu_options import cpu_worker_env, pool_size, rmm_options
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,8 @@ def local_cluster(
         ``None`` disables the dashboard.
     cuda_visible_devices: GPUs to use, e.g. ``"0,2"`` or ``[0, 2]`` (default: the process's own
         ``CUDA_VISIBLE_DEVICES``, i.e. all GPUs); one worker each, pinned to it.
-    rmm_pool_size: per-GPU RMM pool to pre-allocate ("24GB", bytes, or a fraction of device
-        memory in (0, 1], also as a str like "0.8"), which CuPy then allocates from; needs the
-        ``rmm`` package (ImportError before anything starts). Ignored (logged) on a CPU
-        cluster. Without it CuPy's own pool keeps freed blocks anyway.
+    rmm_pool_size: per-GPU RMM pool CuPy allocates from ("24GB", bytes, or a fraction of device
+        memory in (0, 1], also as a str); needs ``rmm``. Ignored (logged) on a CPU cluster.
     protocol: ``None``/``"tcp"``, ``"tls"``, or ``"ucx"``; UCX is used only when a UCX backend
         (``distributed-ucxx``) is installed, else TCP with a logged message.
     kw: passed on to the cluster class (``memory_limit``, ``security``, ``processes``, ...).
@@ -67,7 +65,7 @@ def local_cluster(
     """
     _check_local_args(n_workers, threads_per_worker, gpu, dashboard_address, rmm_pool_size,
                       protocol)
-    rmm_pool_size = _pool_size(rmm_pool_size)
+    rmm_pool_size = pool_size(rmm_pool_size)
     devices = _normalise_devices(cuda_visible_devices)
     common = dict(threads_per_worker=threads_per_worker, dashboard_address=dashboard_address,
                   **kw)
@@ -144,7 +142,7 @@ def _try_cuda_cluster(n_workers, devices, rmm_pool_size, protocol, common):
     if devices is not None:
         kwargs["CUDA_VISIBLE_DEVICES"] = devices
     if rmm_pool_size is not None:
-        kwargs.update(_rmm_options(rmm_pool_size))
+        kwargs.update(rmm_options(rmm_pool_size))
     try:
         cluster = LocalCUDACluster(**kwargs)
     except Exception as exc:
@@ -156,49 +154,6 @@ def _try_cuda_cluster(n_workers, devices, rmm_pool_size, protocol, common):
                 devices or os.environ.get("CUDA_VISIBLE_DEVICES", "all GPUs"),
                 kwargs["protocol"] or "tcp", rmm_pool_size, cluster.dashboard_link)
     return cluster, None
-
-
-def _pool_size(size):
-    """rmm_pool_size as dask-cuda reads it: a fraction given as a str ("0.8", from a command
-    line) becomes a float (dask's parse_bytes would read it as 0 bytes)."""
-    if isinstance(size, str):
-        try:
-            fraction = float(size)
-        except ValueError:
-            return size
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"rmm_pool_size={size!r}: a number without unit is a fraction of "
-                             "device memory in (0, 1]; give bytes with a unit, e.g. '24GB'")
-        return fraction
-    return size
-
-
-def _rmm_options(rmm_pool_size) -> dict:
-    """LocalCUDACluster options of an RMM pool that CuPy really allocates from: without
-    ``rmm_allocator_external_lib_list`` dask-cuda reserves the pool and CuPy keeps its own."""
-    if not _importable("rmm"):
-        raise ImportError(f"rmm_pool_size={rmm_pool_size!r} needs RMM (pip install rmm-cu12 or "
-                          "rmm-cu13, matching CuPy's CUDA); leave it unset to use CuPy's own "
-                          "memory pool")
-    return {"rmm_pool_size": rmm_pool_size, "rmm_allocator_external_lib_list": ["cupy"]}
-
-
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ValueError:  # in sys.modules without a spec (a stand-in)
-        return name in sys.modules
-
-
-def _cpu_worker_env(kwargs: dict) -> dict:
-    """Worker processes of a CPU cluster see no GPU (CUDA_VISIBLE_DEVICES=""): shards use a GPU
-    whenever their process sees one, and every worker of a plain LocalCluster would land on
-    GPU 0. Threads in this process (processes=False) keep its environment."""
-    if not kwargs.get("processes", True):
-        return kwargs
-    env = dict(kwargs.get("env") or {})
-    env.setdefault("CUDA_VISIBLE_DEVICES", "")
-    return dict(kwargs, env=env)
 
 
 def _means_no_gpu(exc: BaseException) -> bool:
@@ -216,7 +171,7 @@ def _cpu_cluster(n_workers, rmm_pool_size, protocol, common) -> LocalCluster:
     if n_workers is None:
         n_workers = max(1, (os.cpu_count() or 1) // common["threads_per_worker"])
     chosen = _pick_protocol(protocol)
-    kwargs = _cpu_worker_env(dict(common, n_workers=n_workers))
+    kwargs = cpu_worker_env(dict(common, n_workers=n_workers))
     if chosen is not None:
         kwargs["protocol"] = chosen
     cluster = LocalCluster(**kwargs)
