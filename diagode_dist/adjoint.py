@@ -116,14 +116,14 @@ def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, ti
                                     time_integral, quad_points, max_substeps)
     cols = check_columns(columns, prob.S)
     theta_module = array_module(theta)
-    d, op_prob = _operator_of(prob, param, theta_dev)
+    d, op_prob = operator_of(prob, param, theta_dev)
     rtol = effective_rtol(rtol, prob.dtype)
     threads = _chunk_threads(prob, cols.size)
     quad = quad_points if time_integral == "trapezoid" else None
     chunk = max_chunk_columns or min(_default_chunk(prob, k, quad), -(-cols.size // threads))
     chunks = [cols[lo: lo + chunk] for lo in range(0, cols.size, chunk)]
 
-    a_norm = _operator_norm(op_prob, d)
+    a_norm = operator_norm(op_prob, d)
 
     def run(part):
         extras = AdjointExtras(param.pattern, "F" in names, prob.n)
@@ -152,7 +152,7 @@ def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, ti
     return loss_sum, grads, int(cols.size), info
 
 
-def _operator_of(prob, param, theta):
+def operator_of(prob, param, theta):
     """(d (n,), the problem with A0 + W as its operator) for theta on the problem's device."""
     with np.errstate(over="ignore"):  # an overflow is reported just below, as a ValueError
         terms = param.operator_terms(theta)
@@ -215,7 +215,7 @@ def _check_wrt(wrt) -> tuple[str, ...]:
     return tuple(dict.fromkeys(wrt))
 
 
-def _operator_norm(prob, d) -> float:
+def operator_norm(prob, d) -> float:
     """||A||_1 bound of A = A0 + diag(d): largest column sum of |A0| plus |d|."""
     return float(prob.xp.max(prob.A0_abs_col_sums + prob.xp.abs(d)))
 
@@ -233,6 +233,24 @@ def check_inputs(prob, theta, param=None, k=30, rtol=DEFAULT_RTOL, max_chunk_col
 def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points, a_norm, max_substeps,
                      extras=None):
     """Loss sum, dL/dd sum, accuracy record and ``extras`` (filled) of one chunk of columns."""
+    xp, n = prob.xp, prob.n
+    forcing, u0, make_apply, apply_T = chunk_operators(prob, d, cols)
+    # The augmented operator inherits Lanczos structure only from a zero start: u0 = e_{n+1}.
+    horizon = prob.loss.obs_times[-1]
+    keep_bytes = memory_budget(xp) // 2
+    states, intervals, acc = march_forward(
+        make_apply, u0, prob.loss.obs_times, horizon, k, rtol, keep_bytes,
+        prob.symmetric and prob.x0 is None, forcing_norms=to_numpy(xp.linalg.norm(forcing, axis=1)),
+        a_norm=a_norm, max_substeps=max_substeps)
+    loss, jumps = prob.loss.evaluate(states, cols)
+    grad_d = march_adjoint(make_apply, apply_T, intervals, jumps, n, horizon, k, rtol, acc,
+                           time_integral, quad_points, prob.symmetric, max_substeps, extras)
+    return float(loss.sum()), grad_d, acc, extras
+
+
+def chunk_operators(prob, d, cols):
+    """forcing (c, n), u0 = [x0; 1] (c, n + 1), make_apply(rows, coupling) (the augmented
+    operator of ``march_forward``) and apply_T (A^T on rows) of a chunk of columns."""
     xp, n = prob.xp, prob.n
     forcing = xp.ascontiguousarray(prob.F[:, xp.asarray(cols)].T)  # (c, n)
     u0 = xp.zeros((cols.size, n + 1), dtype=forcing.dtype)
@@ -256,17 +274,7 @@ def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points, a_norm,
     def apply_T(v):  # A^T = A0^T + diag(d) on rows v
         return (prob.A0T @ v.T).T + d * v
 
-    # The augmented operator inherits Lanczos structure only from a zero start: u0 = e_{n+1}.
-    horizon = prob.loss.obs_times[-1]
-    keep_bytes = memory_budget(xp) // 2
-    states, intervals, acc = march_forward(
-        make_apply, u0, prob.loss.obs_times, horizon, k, rtol, keep_bytes,
-        prob.symmetric and prob.x0 is None, forcing_norms=to_numpy(xp.linalg.norm(forcing, axis=1)),
-        a_norm=a_norm, max_substeps=max_substeps)
-    loss, jumps = prob.loss.evaluate(states, cols)
-    grad_d = march_adjoint(make_apply, apply_T, intervals, jumps, n, horizon, k, rtol, acc,
-                           time_integral, quad_points, prob.symmetric, max_substeps, extras)
-    return float(loss.sum()), grad_d, acc, extras
+    return forcing, u0, make_apply, apply_T
 
 
 def _info(accs: list[Accuracy], rtol, k, dtype) -> dict:
