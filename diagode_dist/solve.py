@@ -78,7 +78,8 @@ def predict_proba(prob: Problem, theta, param=None, *, columns=None, k: int = 30
                   rtol: float = DEFAULT_RTOL):
     """Class probabilities softmax(beta x_j(T)) (n, c) of the classification loss (columns sum
     to one); ValueError for a problem with another loss."""
-    logits = prob.beta * _final_states(prob, theta, param, columns, k, rtol)
+    states = _final_states(prob, theta, param, columns, k, rtol)
+    logits = prob.beta * states
     xp = prob.xp
     shifted = xp.exp(logits - logits.max(axis=0, keepdims=True))
     return shifted / shifted.sum(axis=0, keepdims=True)
