@@ -196,6 +196,7 @@ class GeneratorParam(_PatternParam):
     With ``transform="softplus"`` or ``"exp"`` the weights are positive rates: a graph
     Laplacian, the generator of a continuous-time Markov chain (as A^T), or compartment exchange
     du_i/dt = sum_k w_ik (u_k - u_i). dL/dw_e = dL/dA_{i_e k_e} - dL/dA_{i_e i_e}.
+    A diagonal entry of the pattern (i_e = k_e) cancels itself: its gradient is exactly zero.
     """
 
     def operator_terms(self, theta) -> OperatorTerms:
@@ -204,6 +205,9 @@ class GeneratorParam(_PatternParam):
 
     def theta_grad(self, theta, grad: OperatorTerms):
         edge = grad.weights - self.pattern.take_rows(grad.diag)
+        # exactly zero on diagonal entries: the two terms come from different roundings, and
+        # an optimiser such as Adam would turn that noise into steps of full size
+        edge = edge * self.pattern.off_diagonal(array_module(edge))
         return edge * _transform(self.transform, theta)[1]
 
 

@@ -80,6 +80,13 @@ class Pattern:
         xp = array_module(weights)
         return xp.bincount(self.on(xp)[0], weights=weights, minlength=self.n)
 
+    def off_diagonal(self, xp):
+        """(nnz,) 1.0 where rows[e] != cols[e], else 0.0, of module ``xp`` (cached)."""
+        key = ("off_diagonal", xp.__name__)
+        if key not in self._device:
+            self._device[key] = xp.asarray((self.rows != self.cols).astype(np.float64))
+        return self._device[key]
+
     def take_rows(self, values):
         """values[rows[e]] (nnz,) for a vector values (n,)."""
         return values[self.on(array_module(values))[0]]
