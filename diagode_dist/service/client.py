@@ -128,8 +128,9 @@ def submit(client: Client, problem, theta0, param=None, *, options: TrainOptions
         ``ProblemFiles`` (each shard reads its own columns; paths must be readable on every
         worker) or ``DaskProblem`` (dask arrays persisted on the workers; each column chunk
         of F is a shard, run where it is held)
-    theta0 : (n,) float initial theta (ignored when resuming from a checkpoint)
-    param : diagonal map (default: ``options.param``, i.e. ``SoftplusParam()``)
+    theta0 : (p,) float initial theta (ignored when resuming from a checkpoint)
+    param : operator parametrisation (default: ``options.param``, i.e. ``SoftplusParam()``);
+        theta0 has its ``theta_size(n)``
     options : ``TrainOptions``; keyword arguments (epochs, lr, k, batch_size, weight_decay,
         clamp, seed, rtol, max_chunk_columns, log_every, n_shards, checkpoint_every,
         step_timeout) replace its fields. ``n_shards``: column shards, one long-running task
