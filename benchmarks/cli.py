@@ -57,6 +57,13 @@ def _trust(args: argparse.Namespace) -> str:
                        markdown=args.markdown)
 
 
+def _connectivity(args: argparse.Namespace) -> str:
+    from .connectivity import connectivity_table
+
+    return connectivity_table(repeat=min(args.repeat, 3), quick=args.quick,
+                              markdown=args.markdown, threads=args.threads, log=_log)
+
+
 @dataclass(frozen=True)
 class Section:
     """An optional part of the report: ``--flag`` turns it on; ``render(args)`` returns it."""
@@ -76,6 +83,10 @@ SECTIONS: tuple[Section, ...] = (
     Section("service", "Dask service: parameter-server overhead and speed-up",
             "also measure the Dask service: parameter-server overhead per step (n = 1e4, 1e6) "
             "and the speed-up of 2 workers over 1 (~2 min)", _service),
+    Section("connectivity", "Connectivity weights: the forum's UDE at n = 100 and n = 1e4",
+            "also time the gradient of 10^4 generator weights (n = 100) against matrix_exp and "
+            "torchdiffeq, and of 5 x 10^4 weights on a 10^4-node graph (~1 min)",
+            _connectivity),
     Section("gpu", "GPU: orthogonalisation bandwidth against the roofline",
             "also run ours on CuPy (n ~ 1e5, S = 1024) with the orthogonalisation's bytes "
             "moved, bandwidth and roofline fraction", _gpu),

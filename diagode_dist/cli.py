@@ -4,6 +4,7 @@
     diagode-dist train CONFIG.toml [--scheduler ADDRESS | --scheduler-file FILE | --slurm ...]
     diagode-dist status RUN_ID (--scheduler ADDRESS | --scheduler-file FILE)
     diagode-dist result RUN_ID (--scheduler ADDRESS | --scheduler-file FILE) [--out DIR] [--wait]
+    diagode-dist predict CONFIG.toml --theta theta.npy [--out DIR] [--times T1 T2 ...]
 
 User errors (a bad config, a missing file, an unreachable scheduler, a failed run) end with one
 line on stderr and exit status 1; ``--traceback`` shows the Python traceback instead.
@@ -21,7 +22,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ import numpy as np
 from diagode_dist._io import plain
 from diagode_dist.config import SlurmOptions, TrainConfig, check_slurm_options, load_config
 from diagode_dist.options import DEMO_OPTIONS, add_option_flags, options_from_flags
+from diagode_dist.param import as_operator_param
 from diagode_dist.problem import demo_problem
 from diagode_dist.report import write_outputs
 
@@ -154,6 +156,20 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_timeouts(result, workers=False)
     result.add_argument("--quiet", action="store_true", help="no progress bar")
     result.set_defaults(handler=_cmd_result)
+
+    predict = commands.add_parser(
+        "predict", parents=[common], help="use a trained theta: states (and labels) of CONFIG",
+        description="Solve the problem of CONFIG with a trained theta (this process, no "
+        "cluster) and write states.npy ((m, n, S) at the observation times, or at --times) to "
+        "OUT; for the classification loss also predicted_labels.npy and probabilities.npy "
+        "(n, S). Prints the loss (MSE) or the accuracy against the config's labels.")
+    predict.add_argument("config", type=Path, metavar="CONFIG.toml")
+    predict.add_argument("--theta", type=Path, required=True, help="trained theta (.npy)")
+    predict.add_argument("--out", type=Path, default=None,
+                         help="output folder (default: [output] dir of the config)")
+    predict.add_argument("--times", type=_positive_float, nargs="+", default=None,
+                         help="times of the states (default: the observation times, or T)")
+    predict.set_defaults(handler=_cmd_predict)
     return parser
 
 
@@ -234,6 +250,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)  # config errors first, before anything is imported
     options = options_from_flags(args, config.train)
+    if config.param is not None:
+        if getattr(args, "option_param", None) is not None:
+            raise ValueError("--param and a [param] section in the config: give one of them")
+        options = replace(options, param=config.param.build())
     slurm = _slurm_options(args, config)
     if args.detach and not (args.scheduler or args.scheduler_file):
         raise ValueError("--detach needs --scheduler or --scheduler-file (a cluster started "
@@ -245,9 +265,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if options.n_shards is not None and options.n_shards > files.S:
         raise ValueError(f"[train] n_shards = {options.n_shards} is more than the "
                          f"S = {files.S} columns of F")
+    theta_size = as_operator_param(options.diagonal_map()).theta_size(files.n)
     with _open(args, slurm, out_dir / "slurm-logs", min_workers=1) as session:
         print(session.describe(), flush=True)
-        run = _submit(session.client, files, np.zeros(files.n), options,
+        run = _submit(session.client, files, np.zeros(theta_size), options,
                       checkpoint_dir=out_dir / "checkpoints", resume=args.resume)
         if args.detach:
             _print_detached(run.run_id, args)
@@ -255,8 +276,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         theta, history, status, seconds = _follow(run, args.quiet, session, args)
         problem_info = {"kind": "files", "n": files.n, "S": files.S, "T": spec.T,
                         "beta": spec.beta, "A0": spec.A0, "F": spec.F, "labels": spec.labels,
-                        "x0": spec.x0, "config": args.config.resolve()}
-        summary = _summary("train", run.run_id, status, seconds, session, options.describe(),
+                        "x0": spec.x0, "loss": spec.loss or "classification",
+                        "obs_times": spec.obs_times, "targets": spec.targets,
+                        "config": args.config.resolve()}
+        # everything that determines theta: options (n_shards as run), param, theta0
+        described = {**options.describe(), "n_shards": status.get("n_shards"),
+                     "theta0": f"zeros({theta_size})", "theta_size": theta_size}
+        if config.param is not None:
+            described["param"] = {**config.param.describe(), "repr": repr(options.param)}
+        summary = _summary("train", run.run_id, status, seconds, session, described,
                            problem_info)
     _write_and_report(out_dir, theta, history, summary)
     return 0
@@ -285,6 +313,38 @@ def _cmd_result(args: argparse.Namespace) -> int:
         theta, history, status, seconds = _follow(run, args.quiet, session, args)
         summary = _summary("result", run.run_id, status, None, session, {}, {})
     _write_and_report(args.out, theta, history, summary)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from diagode_dist.losses import Classification
+    from diagode_dist.solve import predict_proba, solve
+
+    config = load_config(args.config)
+    param = config.param.build() if config.param is not None else config.train.diagonal_map()
+    if not args.theta.is_file():
+        raise FileNotFoundError(f"--theta: no such file: {args.theta}")
+    theta = np.load(args.theta, allow_pickle=False)
+    files = config.problem.files().validate()
+    prob = files.load_shard(slice(0, files.S))
+    times = None if args.times is None else sorted(args.times)
+    states = solve(prob, theta, param, times, k=config.train.k, rtol=config.train.rtol)
+    out_dir = (args.out if args.out is not None else config.output_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "states.npy", states)
+    written = ["states.npy"]
+    if isinstance(prob.loss, Classification):
+        proba = predict_proba(prob, theta, param, k=config.train.k, rtol=config.train.rtol)
+        labels = proba.argmax(axis=0)
+        np.save(out_dir / "predicted_labels.npy", labels)
+        np.save(out_dir / "probabilities.npy", proba)
+        written += ["predicted_labels.npy", "probabilities.npy"]
+        print(f"accuracy against the config's labels: "
+              f"{float(np.mean(labels == np.asarray(prob.labels))):.4f} ({prob.S} columns)")
+    elif times is None:
+        mse = float(np.mean((states - np.asarray(prob.loss.targets)) ** 2))
+        print(f"mean squared error against the targets: {mse:.6g}")
+    print(f"states {states.shape} (times, n, S); wrote {', '.join(written)} to {out_dir}")
     return 0
 
 

@@ -7,8 +7,18 @@ A configuration names a problem stored in files, the training options and where 
     F = "F.npy"          # (n, S) right-hand sides: .npy, or .zarr (chunked by columns)
     labels = "labels.npy"  # (S,) integer class of each column, in [0, n) (.npy or .zarr)
     T = 2.0              # final time
-    beta = 10.0          # softmax inverse temperature
+    beta = 10.0          # softmax inverse temperature (classification; default 10)
     # x0 = "x0.npy"      # optional (n, S) initial states (default zero; .npy or .zarr)
+    # loss = "mse"       # instead of labels: observed states at observation times
+    # obs_times = [1.0, 2.0]   # increasing, in (0, T]
+    # targets = "targets.npy"  # (m, n, S) observed states, m = len(obs_times)
+
+    [param]              # optional: the operator parametrisation (default: [train] param)
+    kind = "generator"   # "softplus" | "exp" (diagonal), "edge" | "generator" (on a pattern)
+    pattern = "P.npz"    # edge/generator: n x n pattern (.npz sparse: its stored entries;
+                         # .npy dense 0/1 mask); one theta per entry, in CSR order
+    transform = "softplus"  # edge/generator weights: "identity" | "softplus" | "exp"
+    # diagonal = "softplus" # also train the diagonal: Stack(diagonal, pattern), theta = [d, w]
 
     [train]              # any field of diagode_dist.options.TrainOptions; the rest default
     epochs = 20
@@ -40,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from diagode_dist.files import ProblemFiles
-from diagode_dist.options import TrainOptions, option_fields
+from diagode_dist.options import PARAMS, TrainOptions, option_fields
+from diagode_dist.param import TRANSFORMS
 
 try:  # Python >= 3.11
     import tomllib
@@ -48,6 +59,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
+    "ParamSpec",
     "ProblemSpec",
     "SlurmOptions",
     "TrainConfig",
@@ -60,18 +72,62 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ProblemSpec:
-    """A problem in files: paths of A0 (n, n), F (n, S), labels (S,) and optional x0 (n, S)."""
+    """A problem in files: paths of A0 (n, n), F (n, S), labels (S,) and optional x0 (n, S);
+    or, with ``loss="mse"``, obs_times and the path of targets (m, n, S) instead of labels."""
 
     A0: Path
     F: Path
-    labels: Path
     T: float
-    beta: float
+    labels: Path | None = None
+    beta: float = 10.0
     x0: Path | None = None
+    loss: str | None = None
+    obs_times: tuple[float, ...] | None = None
+    targets: Path | None = None
 
     def files(self) -> ProblemFiles:
         """The problem as ``ProblemFiles`` (nothing read yet)."""
-        return ProblemFiles(self.A0, self.F, self.labels, T=self.T, beta=self.beta, x0=self.x0)
+        return ProblemFiles(self.A0, self.F, self.labels, T=self.T, beta=self.beta, x0=self.x0,
+                            loss=self.loss, obs_times=self.obs_times, targets=self.targets)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """The [param] section: an operator parametrisation (see ``diagode_dist.param``)."""
+
+    kind: str
+    pattern: Path | None = None
+    transform: str = "identity"
+    diagonal: str | None = None
+
+    def build(self):
+        """The parametrisation object (reads the pattern file)."""
+        from diagode_dist.param import EdgeParam, GeneratorParam, Stack
+
+        if self.kind in PARAMS:
+            return PARAMS[self.kind]()
+        made = {"edge": EdgeParam, "generator": GeneratorParam}[self.kind](
+            _read_pattern(self.pattern), self.transform)
+        return made if self.diagonal is None else Stack(PARAMS[self.diagonal](), made)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain values, for summaries."""
+        return {"kind": self.kind, "pattern": None if self.pattern is None else str(self.pattern),
+                "transform": self.transform if self.pattern is not None else None,
+                "diagonal": self.diagonal}
+
+
+def _read_pattern(path: Path):
+    import numpy as np
+    import scipy.sparse as sp
+
+    if path.suffix.lower() == ".npz":
+        try:
+            return sp.load_npz(path)
+        except (ValueError, KeyError, OSError) as err:
+            raise ValueError(f"[param] pattern: {path} is not a scipy.sparse.save_npz file "
+                             f"({err})") from None
+    return np.load(path, allow_pickle=False)
 
 
 @dataclass(frozen=True)
@@ -104,6 +160,7 @@ class TrainConfig:
     output_dir: Path = Path("diagode-out")
     slurm: SlurmOptions | None = None
     source: Path | None = field(default=None, compare=False)
+    param: ParamSpec | None = None
 
     def with_slurm(self, slurm: SlurmOptions | None) -> TrainConfig:
         """Copy with other SLURM options (the command line overrides the file)."""
@@ -114,10 +171,19 @@ class TrainConfig:
 _PROBLEM_KEYS = {
     "A0": ("path", True),
     "F": ("path", True),
-    "labels": ("path", True),
+    "labels": ("path", False),  # required by the classification loss
     "T": ("positive_float", True),
-    "beta": ("finite_float", True),
+    "beta": ("finite_float", False),
     "x0": ("path", False),
+    "loss": ("loss", False),
+    "obs_times": ("times", False),
+    "targets": ("path", False),
+}
+_PARAM_KEYS = {
+    "kind": ("param_kind", True),
+    "pattern": ("path", False),
+    "transform": ("transform", False),
+    "diagonal": ("diagonal", False),
 }
 _TRAIN_KEYS = {spec.name: ("option", False) for spec in option_fields()}  # TrainOptions
 _OUTPUT_KEYS = {"dir": ("str", False)}
@@ -132,7 +198,7 @@ _SLURM_KEYS = {
     "local_directory": ("str", False),
     "processes": ("positive_int", False),
 }
-_SECTIONS = {"problem": True, "train": False, "output": False, "slurm": False}
+_SECTIONS = {"problem": True, "train": False, "output": False, "slurm": False, "param": False}
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -171,22 +237,62 @@ def parse_config(
     for key, (kind, _required) in _PROBLEM_KEYS.items():
         if kind == "path" and key in problem:
             problem[key] = _resolve(problem[key], base_dir)
-    problem_spec = ProblemSpec(**problem)
+    if problem.get("loss") == "classification":
+        problem["loss"] = None  # ProblemFiles' name of the default loss
+    _check_loss_keys(problem, where)
     try:
+        problem_spec = ProblemSpec(**problem)
         problem_spec.files().check_exist()
     except (OSError, ValueError, TypeError) as err:
         raise type(err)(f"{where}[problem] {err}") from None
+    param = _param_spec(sections["param"], base_dir, where) if "param" in data else None
+    train = _train_options(sections["train"], where)
+    if param is not None and "param" in sections["train"]:
+        raise ValueError(f"{where}[train] param and a [param] section: give one of them")
     slurm = None
     if "slurm" in data:
         slurm = SlurmOptions(**_section(sections["slurm"], _SLURM_KEYS, "slurm", where))
     output_dir = _resolve(output["dir"], base_dir) if "dir" in output else Path("diagode-out")
     return TrainConfig(
         problem=problem_spec,
-        train=_train_options(sections["train"], where),
+        train=train,
         output_dir=output_dir,
         slurm=slurm,
         source=source,
+        param=param,
     )
+
+
+def _check_loss_keys(problem: dict[str, Any], where: str) -> None:
+    """labels for the classification loss; obs_times and targets (no labels) for "mse"."""
+    mse = problem.get("loss") == "mse"
+    loss = 'loss = "mse"' if mse else "the classification loss"
+    for key in ("obs_times", "targets") if mse else ("labels",):
+        if key not in problem:
+            raise ValueError(f"{where}missing required key [problem] {key} (for {loss})")
+    for key in ("labels",) if mse else ("obs_times", "targets"):
+        if key in problem:
+            raise ValueError(f"{where}[problem] {key} does not go with {loss}")
+
+
+def _param_spec(table: dict[str, Any], base_dir: Path, where: str) -> ParamSpec:
+    """The [param] section, checked (the pattern file must exist; it is read by ``build``)."""
+    values = _section(table, _PARAM_KEYS, "param", where)
+    kind = values["kind"]
+    if kind in PARAMS:
+        extra = sorted(set(values) - {"kind"})
+        if extra:
+            raise ValueError(f"{where}[param] {extra[0]} is for kind = \"edge\" or "
+                             f"\"generator\", not {kind!r}")
+        return ParamSpec(kind)
+    if "pattern" not in values:
+        raise ValueError(f"{where}missing required key [param] pattern (kind = {kind!r})")
+    pattern = _resolve(values["pattern"], base_dir)
+    if pattern.suffix.lower() not in (".npz", ".npy"):
+        raise ValueError(f"{where}[param] pattern: {pattern} must end in .npz / .npy")
+    if not pattern.is_file():
+        raise FileNotFoundError(f"{where}[param] pattern: no such file: {pattern}")
+    return ParamSpec(kind, pattern, values.get("transform", "identity"), values.get("diagonal"))
 
 
 def check_slurm_options(options: dict[str, Any], where: str = "") -> SlurmOptions:
@@ -257,7 +363,20 @@ def _check_value(value: Any, kind: str, name: str) -> Any:
         if kind == "nonnegative_float" and not number >= 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
         return number
+    if kind in _CHOICES:
+        if value not in _CHOICES[kind]:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, _CHOICES[kind]))}, "
+                             f"got {value!r}")
+        return value
+    if kind == "times":
+        if not isinstance(value, list) or not value:
+            raise TypeError(f"{name} must be a non-empty list of numbers, got {value!r}")
+        return tuple(_as_float(item, name) for item in value)
     raise AssertionError(f"unknown kind {kind}")  # a bug in the tables above
+
+
+_CHOICES = {"loss": ("classification", "mse"), "param_kind": (*PARAMS, "edge", "generator"),
+            "transform": TRANSFORMS, "diagonal": tuple(PARAMS)}
 
 
 def _as_float(value: Any, name: str) -> float:

@@ -8,6 +8,8 @@ Supported formats
   by columns): either way a shard reads only its own columns.
 - ``labels``: ``.npy`` or ``.zarr`` (S,) integers in [0, n).
 - ``x0`` (optional): ``.npy`` or ``.zarr`` (n, S), read like ``F``.
+- ``targets`` (the ``loss="mse"`` problem, with ``obs_times``; then no ``labels``): ``.npy``
+  (m, n, S), memory-mapped: a shard reads its own columns.
 
 Paths are stored absolute, so they mean the same file on every worker of a shared file system.
 This module does not import Dask: loading a problem from files needs NumPy/SciPy (and zarr for
@@ -44,21 +46,40 @@ class ProblemFiles:
     T : float > 0, final time.
     beta : float, logit scale.
     x0 : optional path to the (n, S) initial states (.npy or .zarr).
+    loss : None (classification, needs ``labels``) or "mse" (needs ``obs_times`` and
+        ``targets``; ``labels`` must be None).
+    obs_times : increasing floats in (0, T], for ``loss="mse"``.
+    targets : path to the (m, n, S) observed states (.npy), for ``loss="mse"``.
 
     Nothing is read until :meth:`validate` or a ``load_*`` method is called; ``validate`` reads
     only headers (and the S labels), never the whole of ``F``.
     """
 
-    def __init__(self, A0: str | os.PathLike, F: str | os.PathLike, labels: str | os.PathLike,
-                 T: float = 2.0, beta: float = 10.0, x0: str | os.PathLike | None = None):
+    def __init__(self, A0: str | os.PathLike, F: str | os.PathLike,
+                 labels: str | os.PathLike | None = None, T: float = 2.0, beta: float = 10.0,
+                 x0: str | os.PathLike | None = None, *, loss: str | None = None,
+                 obs_times=None, targets: str | os.PathLike | None = None):
         self.A0 = _path(A0, "A0")
         self.F = _path(F, "F")
-        self.labels = _path(labels, "labels")
         self.x0 = None if x0 is None else _path(x0, "x0")
         self.T = finite_real(T, "T")
         if self.T <= 0:
             raise ValueError(f"T must be > 0, got {self.T}")
         self.beta = finite_real(beta, "beta")
+        self.loss = loss
+        self.labels = self.targets = self.obs_times = None
+        if loss is None:
+            if labels is None:
+                raise ValueError("labels are required for the classification loss (or pass "
+                                 "loss='mse' with obs_times and targets)")
+            self.labels = _path(labels, "labels")
+        elif loss == "mse":
+            if labels is not None or targets is None or obs_times is None:
+                raise ValueError("loss='mse' needs obs_times and targets, and no labels")
+            self.targets = _path(targets, "targets", (".npy",))
+            self.obs_times = _times(obs_times, self.T)
+        else:
+            raise ValueError(f"loss must be None (classification) or 'mse', got {loss!r}")
         self._shape: tuple[int, int] | None = None
 
     # ---- validation ------------------------------------------------------------------------
@@ -80,6 +101,28 @@ class ProblemFiles:
         if a0_shape != (n, n):
             raise ValueError(f"A0 has shape {a0_shape} but F has shape {F.shape}: "
                              f"A0 must be (n, n) = ({n}, {n})")
+        if self.loss == "mse":
+            self._validate_targets(n, S)
+        else:
+            self._validate_labels(n, S)
+        if self.x0 is not None:
+            x0 = _open_columns(self.x0, "x0")
+            if x0.shape != (n, S):
+                raise ValueError(f"x0 must have shape (n, S) = ({n}, {S}) to match F, "
+                                 f"got {x0.shape}")
+        self._shape = (n, S)
+        return self
+
+    def _validate_targets(self, n: int, S: int) -> None:
+        targets = _open_npy(self.targets, "targets")
+        want = (len(self.obs_times), n, S)
+        if targets.shape != want:
+            raise ValueError(f"targets must have shape (m, n, S) = {want} (m = the "
+                             f"{len(self.obs_times)} obs_times), got {targets.shape}")
+        if targets.dtype.kind not in "fiu":
+            raise TypeError(f"targets must be a real numeric array, got dtype {targets.dtype}")
+
+    def _validate_labels(self, n: int, S: int) -> None:
         labels = _read_all(self.labels, "labels")
         if labels.ndim != 1 or labels.shape[0] != S:
             raise ValueError(f"labels must have shape (S,) = ({S},) to match F, "
@@ -89,17 +132,10 @@ class ProblemFiles:
         if labels.min() < 0 or labels.max() >= n:
             raise ValueError(f"labels must lie in [0, n) = [0, {n}), "
                              f"got [{labels.min()}, {labels.max()}]")
-        if self.x0 is not None:
-            x0 = _open_columns(self.x0, "x0")
-            if x0.shape != (n, S):
-                raise ValueError(f"x0 must have shape (n, S) = ({n}, {S}) to match F, "
-                                 f"got {x0.shape}")
-        self._shape = (n, S)
-        return self
 
     def check_exist(self) -> ProblemFiles:
         """FileNotFoundError naming the first argument whose file (or .zarr folder) is missing."""
-        for name in ("A0", "F", "labels", "x0"):
+        for name in ("A0", "F", "labels", "x0", "targets"):
             path = getattr(self, name)
             found = path is None or (path.is_dir() if path.suffix.lower() == ".zarr"
                                      else path.is_file())
@@ -148,7 +184,8 @@ class ProblemFiles:
         """
         cols = columns if isinstance(columns, slice) else np.asarray(columns, dtype=np.int64)
         F = _columns(_open_columns(self.F, "F"), cols)
-        labels = np.asarray(_read_all(self.labels, "labels")[cols])
+        labels = None if self.labels is None else np.asarray(_read_all(self.labels,
+                                                                       "labels")[cols])
         x0 = None if self.x0 is None else _columns(_open_columns(self.x0, "x0"), cols)
         return F, labels, x0
 
@@ -160,6 +197,11 @@ class ProblemFiles:
         """
         F, labels, x0 = self.load_columns(columns)
         A0 = self.load_operator() if A0 is None else A0
+        if self.loss == "mse":
+            cols = columns if isinstance(columns, slice) else np.asarray(columns, dtype=np.int64)
+            targets = np.array(_open_npy(self.targets, "targets")[:, :, cols])
+            return Problem(A0, F, T=self.T, beta=self.beta, x0=x0, loss="mse",
+                           obs_times=self.obs_times, targets=targets)
         return Problem(A0, F, labels, T=self.T, beta=self.beta, x0=x0)
 
     def operator_token(self) -> tuple:
@@ -169,15 +211,30 @@ class ProblemFiles:
 
     def __repr__(self) -> str:
         x0 = "" if self.x0 is None else f", x0={str(self.x0)!r}"
+        what = (f"labels={str(self.labels)!r}" if self.loss is None else
+                f"loss='mse', obs_times={list(self.obs_times)}, targets={str(self.targets)!r}")
         return (f"ProblemFiles(A0={str(self.A0)!r}, F={str(self.F)!r}, "
-                f"labels={str(self.labels)!r}, T={self.T}, beta={self.beta}{x0})")
+                f"{what}, T={self.T}, beta={self.beta}{x0})")
 
 
-def _path(value, name: str) -> Path:
+def _times(obs_times, T: float) -> tuple[float, ...]:
+    """Observation times: a non-empty increasing sequence of floats in (0, T]."""
+    try:
+        times = np.asarray(obs_times, dtype=float).ravel()
+    except (TypeError, ValueError):
+        raise TypeError(f"obs_times must be a sequence of numbers, got {obs_times!r}") from None
+    if times.size == 0 or not np.isfinite(times).all() or times[0] <= 0 or times[-1] > T \
+            or np.any(np.diff(times) <= 0):
+        raise ValueError(f"obs_times must increase strictly within (0, T] = (0, {T}], "
+                         f"got {obs_times!r}")
+    return tuple(float(t) for t in times)
+
+
+def _path(value, name: str, allowed=None) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
     path = Path(value).expanduser().absolute()
-    allowed = _A0_SUFFIXES if name == "A0" else _COLUMN_SUFFIXES
+    allowed = allowed or (_A0_SUFFIXES if name == "A0" else _COLUMN_SUFFIXES)
     if path.suffix.lower() not in allowed:
         raise ValueError(f"{name}: {path} must end in {' / '.join(allowed)}")
     return path

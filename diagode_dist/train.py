@@ -44,8 +44,9 @@ def fit(prob: Problem, theta0, param=None, *, options: TrainOptions | None = Non
     Parameters
     ----------
     prob : Problem
-    theta0 : (n,) float array (NumPy or CuPy); not modified
-    param : diagonal map (default: ``options.param``, i.e. ``SoftplusParam()``)
+    theta0 : (p,) float array (NumPy or CuPy), p = ``param.theta_size(n)``; not modified
+    param : operator parametrisation (``diagode_dist.param``; default: ``options.param``,
+        i.e. ``SoftplusParam()``)
     options : ``TrainOptions``; keyword arguments (``epochs=``, ``lr=``, ``k=``,
         ``batch_size=``, ``weight_decay=``, ``clamp=``, ``seed=``, ``rtol=``,
         ``max_chunk_columns=``, ``log_every=``) replace its fields (see
@@ -60,7 +61,7 @@ def fit(prob: Problem, theta0, param=None, *, options: TrainOptions | None = Non
 
     Returns
     -------
-    theta : (n,) array like theta0
+    theta : (p,) array like theta0
     history : list of float, per-epoch mean loss over all columns (theta changing within the
         epoch, as each step's loss is taken before its update)
     info : dict of per-epoch lists, only with ``return_info=True``

@@ -33,6 +33,7 @@ from distributed.protocol.serialize import ToPickle
 from diagode_dist._array import to_numpy
 from diagode_dist.files import ProblemFiles
 from diagode_dist.options import TrainOptions, takes_options, with_options
+from diagode_dist.param import as_operator_param
 from diagode_dist.problem import Problem
 from diagode_dist.service.inputs import DaskProblem
 from diagode_dist.service.plugin import install
@@ -127,8 +128,9 @@ def submit(client: Client, problem, theta0, param=None, *, options: TrainOptions
         ``ProblemFiles`` (each shard reads its own columns; paths must be readable on every
         worker) or ``DaskProblem`` (dask arrays persisted on the workers; each column chunk
         of F is a shard, run where it is held)
-    theta0 : (n,) float initial theta (ignored when resuming from a checkpoint)
-    param : diagonal map (default: ``options.param``, i.e. ``SoftplusParam()``)
+    theta0 : (p,) float initial theta (ignored when resuming from a checkpoint)
+    param : operator parametrisation (default: ``options.param``, i.e. ``SoftplusParam()``);
+        theta0 has its ``theta_size(n)``
     options : ``TrainOptions``; keyword arguments (epochs, lr, k, batch_size, weight_decay,
         clamp, seed, rtol, max_chunk_columns, log_every, n_shards, checkpoint_every,
         step_timeout) replace its fields. ``n_shards``: column shards, one long-running task
@@ -182,7 +184,8 @@ def _submit(caller: str, client, problem, theta0, param, options, checkpoint_dir
         kwargs = {**kwargs, "param": param}
     options = with_options(caller, options, kwargs)
     n, S = _check_problem(problem)
-    theta0 = _check_theta0(theta0, n)
+    theta_size = as_operator_param(options.diagonal_map(), "param").theta_size(n)
+    theta0 = _check_theta0(theta0, theta_size, n)
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
         raise TypeError(f"checkpoint_dir must be a path, got {type(checkpoint_dir).__name__}")
     if not isinstance(client, Client):
@@ -192,7 +195,7 @@ def _submit(caller: str, client, problem, theta0, param, options, checkpoint_dir
         n=n, S=S, n_shards=_n_shards(client, problem, options.n_shards, S), options=options,
         checkpoint_dir=None if checkpoint_dir is None else
         str(Path(checkpoint_dir).expanduser().absolute()),
-        resume=resume)
+        resume=resume, n_theta=None if theta_size == n else theta_size)
     install(client)
     created = _call(client, "diagode_create_run", spec=spec.to_wire(), theta0=ToPickle(theta0))
     if "error" in created:
@@ -267,12 +270,13 @@ def _check_problem(problem) -> tuple[int, int]:
                     f"{type(problem).__name__}")
 
 
-def _check_theta0(theta0, n: int) -> np.ndarray:
+def _check_theta0(theta0, size: int, n: int) -> np.ndarray:
     theta = to_numpy(theta0)
     if theta.dtype.kind not in "fiu" or theta.dtype == bool:
         raise TypeError(f"theta0 must be a real float array, got dtype {theta.dtype}")
-    if theta.shape != (n,):
-        raise ValueError(f"theta0 must have shape (n,) = ({n},), got {theta.shape}")
+    if theta.shape != (size,):
+        what = "(n,)" if size == n else "(param.theta_size(n),)"
+        raise ValueError(f"theta0 must have shape {what} = ({size},), got {theta.shape}")
     if not np.isfinite(theta).all():
         raise ValueError("theta0 contains NaN or inf")
     return np.array(theta, dtype=np.float64)

@@ -31,7 +31,7 @@ SHARD_PREFIX = "diagode-shard"
 OPERATOR_PREFIX = "diagode-operator"
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_WIRE_KEYS = ("run_id", "n", "S", "n_shards", "checkpoint_dir", "resume", "options")
+_WIRE_KEYS = ("run_id", "n", "S", "n_shards", "checkpoint_dir", "resume", "options", "n_theta")
 
 
 def shard_key(run_id: str, shard: int) -> tuple[str, str, int]:
@@ -65,7 +65,8 @@ class RunSpec:
     """A training run as the parameter server holds it.
 
     n, S: state size and columns; n_shards: 1 <= n_shards <= S; checkpoint_dir: absolute path
-    on the scheduler's file system, or None; resume: continue from its checkpoint.
+    on the scheduler's file system, or None; resume: continue from its checkpoint; n_theta:
+    length of theta when it is not n (an operator parametrisation with a pattern).
     """
 
     run_id: str
@@ -75,10 +76,13 @@ class RunSpec:
     options: TrainOptions
     checkpoint_dir: str | None = None
     resume: bool = False
+    n_theta: int | None = None
 
     def __post_init__(self) -> None:
         check_run_id(self.run_id)
         _count("n", self.n)
+        if self.n_theta is not None:
+            _count("n_theta", self.n_theta)
         _count("S", self.S)
         _count("n_shards", self.n_shards)
         if self.n_shards > self.S:
@@ -102,6 +106,11 @@ class RunSpec:
         return math.ceil(self.S / self.options.batch_size)
 
     @property
+    def theta_size(self) -> int:
+        """Length of theta (n for a diagonal parametrisation)."""
+        return self.n if self.n_theta is None else self.n_theta
+
+    @property
     def n_steps(self) -> int:
         return self.options.epochs * self.steps_per_epoch
 
@@ -109,7 +118,7 @@ class RunSpec:
         """Plain values (msgpack): what the client sends to ``diagode_create_run``."""
         return {"run_id": self.run_id, "n": self.n, "S": self.S, "n_shards": self.n_shards,
                 "checkpoint_dir": self.checkpoint_dir, "resume": self.resume,
-                "options": self.options.to_wire()}
+                "options": self.options.to_wire(), "n_theta": self.n_theta}
 
     @classmethod
     def from_wire(cls, data: Any) -> RunSpec:

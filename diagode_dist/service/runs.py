@@ -141,7 +141,8 @@ class Run:
         theta, state, meta = load_checkpoint(path)
         spec = self.spec
         mine = {"n": spec.n, "S": spec.S, "batch_size": spec.options.batch_size,
-                "seed": spec.options.seed}
+                "seed": spec.options.seed, "theta length": spec.theta_size}
+        meta = {**meta, "theta length": int(np.asarray(theta).size)}
         for name, value in mine.items():
             if meta[name] != value:
                 raise ValueError(f"resume: checkpoint {path} has {name}={meta[name]}, this run "

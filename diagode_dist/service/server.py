@@ -131,7 +131,7 @@ class ParameterServer(SchedulerPlugin):
         """
         try:
             run_spec = RunSpec.from_wire(spec)
-            theta0 = checked_theta0(theta0, run_spec.n)
+            theta0 = checked_theta0(theta0, run_spec.theta_size)
         except (TypeError, ValueError) as err:
             return {"error": f"invalid run spec: {err}"}
         run_id = run_spec.run_id
