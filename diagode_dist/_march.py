@@ -328,15 +328,18 @@ def _check_work(steps, max_substeps, k, rtol, what, progress=None):
 
 def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
                   time_integral="vanloan", quad_points=32, symmetric=False,
-                  max_substeps=MAX_SUBSTEPS):
+                  max_substeps=MAX_SUBSTEPS, extras=None):
     """March the adjoint back across the intervals and sum the exact sub-step integrals.
 
     jumps : (m_obs, c, n) dL/dx at the observation times; apply_T: (c_q, n) -> (c_q, n), A^T on
     rows. Returns dL/dd (n,), summed over the chunk's columns in a fixed order.
+    extras : optional ``pattern.AdjointExtras``, given every sub-step and lambda(0).
     """
     xp = array_module(jumps)
     lam = xp.zeros((jumps.shape[1], n), dtype=jumps.dtype)
     grad = xp.zeros(n, dtype=jumps.dtype)
+    if extras is not None:
+        extras.start(jumps.shape[1], xp, jumps.dtype)
     for iv in reversed(intervals):
         hit = iv.stop >= 0
         if hit.any():
@@ -345,12 +348,14 @@ def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
         fwd = iv.projection or arnoldi(make_apply(iv.columns, iv.coupling), iv.start, k,
                                        fixed_dims=iv.dims, symmetric=iv.symmetric)
         grad += _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral,
-                                  quad_points, symmetric, max_substeps)
+                                  quad_points, symmetric, max_substeps, extras)
+    if extras is not None:
+        extras.finish(lam)
     return grad
 
 
 def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, quad_points,
-                      symmetric, max_substeps):
+                      symmetric, max_substeps, extras=None):
     """Adjoint across one forward interval, in as many error-controlled sub-steps as needed.
 
     Updates lam (c, n) in place for the interval's columns; returns the gradient part (n,).
@@ -379,8 +384,10 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
             M = van_loan(adj.square, sub.square, xp.asarray(sigma), y_start)
         else:
             M = trapezoid(adj.square, sub.square, xp.asarray(sigma), y_start, quad_points)
-        grad += _contract(adj.basis, M * (adj.norms * y_norm)[:, None, None],
-                          sub.basis[:, :, :n])
+        M = M * (adj.norms * y_norm)[:, None, None]
+        grad += _contract(adj.basis, M, sub.basis[:, :, :n])
+        if extras is not None:
+            extras.substep(iv.columns[active], adj, M, sub, sigma)
         lam[rows] = combine(adj.basis, z)
         elapsed[active] = np.where(reached, iv.tau[active], elapsed[active] + sigma)
         active = active[~reached]

@@ -1,6 +1,9 @@
-"""Loss and exact adjoint gradient with respect to theta.
+"""Loss and exact adjoint gradient with respect to theta (and x0, F).
 
-    dL/dd_i = sum_j ∫_0^T lambda_j(t)_i x_j(t)_i dt,   dL/dtheta = d'(theta) ⊙ dL/dd
+    dL/dA_ik = sum_j ∫_0^T lambda_j(t)_i x_j(t)_k dt,   dL/dtheta = (dA/dtheta)^T dL/dA
+
+on the diagonal (always) and on a parametrisation's pattern (``diagode_dist.pattern``);
+dL/dx0_j = lambda_j(0) and dL/df_j = ∫ lambda_j dt,
 
 with x_j from the forward Krylov march and lambda_j from the adjoint march on A^T, the time
 integral exact per sub-step (Van Loan 1978; Saad 1992 and Sidje 1998 for the error estimates).
@@ -11,16 +14,18 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from ._array import array_module, to_module, to_numpy
+from ._array import array_module, is_sparse, to_module, to_numpy
 from ._checks import check_int
 from ._march import MAX_SUBSTEPS, Accuracy, march_adjoint, march_forward
 from .errors import AccuracyError
-from .param import SoftplusParam, check_param
+from .param import OperatorTerms, SoftplusParam, as_operator_param
+from .pattern import AdjointExtras
 from .problem import Problem, check_columns
 
 DEFAULT_RTOL = 1e-12
@@ -33,17 +38,22 @@ sub-steps (measured: k = 4 on a 30-state diagonal operator, 60k sub-steps)."""
 _PARALLEL_WORK = 1 << 21  # n * columns above which CPU chunks run on a thread pool
 
 
+WRT = ("theta", "x0", "F")
+"""What ``loss_and_grad(..., wrt=...)`` can differentiate by."""
+
+
 def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
                   rtol: float = DEFAULT_RTOL, max_chunk_columns: int | None = None,
                   time_integral: str = "vanloan", quad_points: int = 32,
-                  return_info: bool = False, max_substeps: int = MAX_SUBSTEPS):
+                  return_info: bool = False, max_substeps: int = MAX_SUBSTEPS,
+                  wrt: Sequence[str] | None = None):
     """Mean loss over the chosen columns and its exact gradient with respect to theta.
 
     Parameters
     ----------
     prob : Problem
-    theta : (n,) array (NumPy or CuPy)
-    param : diagonal map, default ``SoftplusParam()``
+    theta : (p,) array (NumPy or CuPy), p = ``param.theta_size(n)`` (n for a diagonal map)
+    param : operator parametrisation (``diagode_dist.param``), default ``SoftplusParam()``
     k : maximum Krylov dimension per sub-step, >= 8 (each column stops earlier once its error
         estimate meets ``rtol``; sub-steps are taken when k is too small for one step)
     columns : int sequence or None (all columns)
@@ -53,11 +63,15 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
     quad_points : trapezoid points per sub-step when time_integral="trapezoid"
     return_info : also return a dict with dimensions, sub-steps and error estimates
     max_substeps : work limit: Krylov sub-steps of one forward or adjoint march
+    wrt : None, or a sequence of names among "theta", "x0", "F": then the gradient is a dict
+        of those: dL/dtheta (p,), dL/dx0 = lambda(0) / |B| (n, S) and dL/dF = int lambda dt / |B|
+        (n, S) (zero outside the chosen columns B; both on the problem's device), all from the
+        one adjoint pass
 
     Returns
     -------
     loss : float
-    grad : (n,) array of theta's module
+    grad : (p,) array of theta's module, or a dict when ``wrt`` is given
     info : dict, only with ``return_info=True``
 
     Raises
@@ -70,10 +84,13 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
         When the solution leaves the floating-point range (A has eigenvalues with a large
         positive real part).
     """
-    loss_sum, grad_sum, count, info = loss_grad_sums(
+    names = ("theta",) if wrt is None else _check_wrt(wrt)
+    loss_sum, grads, count, info = _loss_grad_parts(
         prob, theta, param, columns, k, rtol, max_chunk_columns, time_integral, quad_points,
-        max_substeps)
-    loss, grad = loss_sum / count, grad_sum / count  # mean over the chosen columns
+        max_substeps, names)
+    loss = loss_sum / count  # mean over the chosen columns
+    means = {name: grads[name] / count for name in names}
+    grad = means["theta"] if wrt is None else means
     return (loss, grad, info) if return_info else (loss, grad)
 
 
@@ -83,29 +100,35 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
                    max_substeps: int = MAX_SUBSTEPS):
     """Sums (not means) over the chosen columns: what a shard pushes to the parameter server.
 
-    Returns (loss_sum: float, grad_sum: (n,) array like theta, count: int, info: dict), with
+    Returns (loss_sum: float, grad_sum: (p,) array like theta, count: int, info: dict), with
     ``loss_and_grad == (loss_sum / count, grad_sum / count)``.
     """
+    loss_sum, grads, count, info = _loss_grad_parts(
+        prob, theta, param, columns, k, rtol, max_chunk_columns, time_integral, quad_points,
+        max_substeps, ("theta",))
+    return loss_sum, grads["theta"], count, info
+
+
+def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, time_integral,
+                     quad_points, max_substeps, names):
+    """(loss_sum, {name: gradient sum}, count, info) for the names in ``names``."""
     param, theta_dev = check_inputs(prob, theta, param, k, rtol, max_chunk_columns,
                                     time_integral, quad_points, max_substeps)
     cols = check_columns(columns, prob.S)
     theta_module = array_module(theta)
-    with np.errstate(over="ignore"):  # an overflow is reported just below, as a ValueError
-        d = param.diag_from_theta(theta_dev)
-    if not bool(prob.xp.isfinite(d).all()):
-        raise ValueError("theta gives a non-finite diagonal d(theta) (overflow in the param map)")
-    d = d.astype(prob.dtype, copy=False)
+    d, op_prob = operator_of(prob, param, theta_dev)
     rtol = effective_rtol(rtol, prob.dtype)
     threads = _chunk_threads(prob, cols.size)
     quad = quad_points if time_integral == "trapezoid" else None
     chunk = max_chunk_columns or min(_default_chunk(prob, k, quad), -(-cols.size // threads))
     chunks = [cols[lo: lo + chunk] for lo in range(0, cols.size, chunk)]
 
-    a_norm = _operator_norm(prob, d)
+    a_norm = operator_norm(op_prob, d)
 
     def run(part):
-        return _chunk_loss_grad(prob, d, part, k, rtol, time_integral, quad_points, a_norm,
-                                max_substeps)
+        extras = AdjointExtras(param.pattern, "F" in names, prob.n)
+        return _chunk_loss_grad(op_prob, d, part, k, rtol, time_integral, quad_points, a_norm,
+                                max_substeps, extras)
 
     with _single_threaded_blas(prob.xp):
         if threads > 1 and len(chunks) > 1:
@@ -113,26 +136,86 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
                 parts = list(pool.map(run, chunks))
         else:
             parts = [run(part) for part in chunks]
-    loss_sum, grad_d = 0.0, prob.xp.zeros(prob.n, dtype=d.dtype)
-    for part in parts:  # chunk order: the sum does not depend on timing
-        loss_sum += part[0]
-        grad_d = grad_d + part[1]
-    acc = [part[2] for part in parts]
-    grad = param.dtheta_from_ddiag(theta_dev, grad_d)
-    if not (np.isfinite(loss_sum) and bool(prob.xp.isfinite(grad).all())):
+    loss_sum, grads = _gather(prob, param, theta_dev, chunks, parts, names)
+    if not (np.isfinite(loss_sum) and all(bool(prob.xp.isfinite(g).all())
+                                          for g in grads.values())):
         raise FloatingPointError(
             f"the loss ({loss_sum}) or its gradient is not finite: the solution overflows "
             "(does A = A0 + diag(d) have eigenvalues with a large positive real part?)")
-    info = _info(acc, rtol, k, prob.dtype)
+    info = _info([part[2] for part in parts], rtol, k, prob.dtype)
     if not info["rtol_met"]:
         raise AccuracyError(
             f"the error estimate {info['error_estimate']:.3g} exceeds rtol={rtol:g} "
             f"(k={k}, {info['substeps']} sub-steps): the result is refused; increase k or "
             "loosen rtol")
-    return loss_sum, to_module(grad, theta_module), int(cols.size), info
+    grads["theta"] = to_module(grads["theta"], theta_module)
+    return loss_sum, grads, int(cols.size), info
 
 
-def _operator_norm(prob, d) -> float:
+def operator_of(prob, param, theta):
+    """(d (n,), the problem with A0 + W as its operator) for theta on the problem's device."""
+    with np.errstate(over="ignore"):  # an overflow is reported just below, as a ValueError
+        terms = param.operator_terms(theta)
+    xp = prob.xp
+    d = xp.zeros(prob.n, dtype=prob.dtype) if terms.diag is None else terms.diag
+    for name, value in (("diagonal d(theta)", d), ("weights W(theta)", terms.weights)):
+        if value is not None and not bool(xp.isfinite(value).all()):
+            raise ValueError(f"theta gives a non-finite {name} (overflow in the param map)")
+    d = d.astype(prob.dtype, copy=False)
+    if terms.weights is None:  # the diagonal fast path: A0 as it is
+        return d, prob
+    W = param.pattern.matrix(terms.weights.astype(prob.dtype, copy=False))
+    A = (prob.A0 + W).tocsr() if is_sparse(prob.A0) else prob.A0 + W.toarray()
+    op_prob = prob.with_operator(A, check=False)
+    op_prob.symmetric = False  # W is not symmetric in general: Arnoldi
+    return d, op_prob
+
+
+def _gather(prob, param, theta, chunks, parts, names):
+    """The loss sum and the gradient sums, in chunk order (the sums do not depend on timing)."""
+    xp = prob.xp
+    loss_sum, grad_d, grad_w = 0.0, xp.zeros(prob.n, dtype=prob.dtype), None
+    per_column = {name: xp.zeros((prob.S, prob.n), dtype=prob.dtype)
+                  for name in ("x0", "F") if name in names}
+    for cols, (loss, part_d, _, extras) in zip(chunks, parts, strict=True):
+        loss_sum += loss
+        grad_d = grad_d + part_d
+        if extras.weights is not None:
+            grad_w = extras.weights if grad_w is None else grad_w + extras.weights
+        for name, values in (("x0", extras.initial), ("F", extras.forcing)):
+            if name in per_column:
+                _add_rows(per_column[name], cols, values)
+    grads = {name: value.T for name, value in per_column.items()}
+    if param.pattern is not None and grad_w is None:
+        grad_w = xp.zeros(param.pattern.nnz, dtype=prob.dtype)
+    grads["theta"] = param.theta_grad(theta, OperatorTerms(grad_d, grad_w))
+    return loss_sum, grads
+
+
+def _add_rows(target, cols, values):
+    """target[cols[i]] += values[i] (target (S, n), values (c, n)), a repeated column adding
+    up: one indexed update per repetition rank, each with distinct columns."""
+    xp = array_module(target)
+    order = np.argsort(cols, kind="stable")
+    sorted_cols = cols[order]
+    starts = np.r_[0, np.nonzero(np.diff(sorted_cols))[0] + 1]
+    rank = np.empty(cols.size, dtype=np.int64)
+    rank[order] = np.arange(cols.size) - np.repeat(starts, np.diff(np.r_[starts, cols.size]))
+    for r in range(int(rank.max()) + 1):
+        pick = np.nonzero(rank == r)[0]
+        target[xp.asarray(cols[pick])] += values[xp.asarray(pick)]
+
+
+def _check_wrt(wrt) -> tuple[str, ...]:
+    if isinstance(wrt, str) or not isinstance(wrt, Sequence) or not wrt:
+        raise TypeError(f"wrt must be a non-empty sequence of names among {WRT}, got {wrt!r}")
+    unknown = [name for name in wrt if name not in WRT]
+    if unknown:
+        raise ValueError(f"wrt names must be among {WRT}, got {unknown}")
+    return tuple(dict.fromkeys(wrt))
+
+
+def operator_norm(prob, d) -> float:
     """||A||_1 bound of A = A0 + diag(d): largest column sum of |A0| plus |d|."""
     return float(prob.xp.max(prob.A0_abs_col_sums + prob.xp.abs(d)))
 
@@ -142,14 +225,32 @@ def check_inputs(prob, theta, param=None, k=30, rtol=DEFAULT_RTOL, max_chunk_col
     """Validate everything before any work. Returns (param, theta on the problem's device)."""
     if not isinstance(prob, Problem):
         raise TypeError(f"prob must be a diagode_dist.Problem, got {type(prob).__name__}")
-    param = SoftplusParam() if param is None else param
-    check_param(param)
+    param = as_operator_param(SoftplusParam() if param is None else param)
     _check_options(k, rtol, max_chunk_columns, time_integral, quad_points, max_substeps)
-    return param, _check_theta(theta, prob)
+    return param, _check_theta(theta, prob, param.theta_size(prob.n))
 
 
-def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points, a_norm, max_substeps):
-    """Loss sum, dL/dd sum and accuracy record of one chunk of columns."""
+def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points, a_norm, max_substeps,
+                     extras=None):
+    """Loss sum, dL/dd sum, accuracy record and ``extras`` (filled) of one chunk of columns."""
+    xp, n = prob.xp, prob.n
+    forcing, u0, make_apply, apply_T = chunk_operators(prob, d, cols)
+    # The augmented operator inherits Lanczos structure only from a zero start: u0 = e_{n+1}.
+    horizon = prob.loss.obs_times[-1]
+    keep_bytes = memory_budget(xp) // 2
+    states, intervals, acc = march_forward(
+        make_apply, u0, prob.loss.obs_times, horizon, k, rtol, keep_bytes,
+        prob.symmetric and prob.x0 is None, forcing_norms=to_numpy(xp.linalg.norm(forcing, axis=1)),
+        a_norm=a_norm, max_substeps=max_substeps)
+    loss, jumps = prob.loss.evaluate(states, cols)
+    grad_d = march_adjoint(make_apply, apply_T, intervals, jumps, n, horizon, k, rtol, acc,
+                           time_integral, quad_points, prob.symmetric, max_substeps, extras)
+    return float(loss.sum()), grad_d, acc, extras
+
+
+def chunk_operators(prob, d, cols):
+    """forcing (c, n), u0 = [x0; 1] (c, n + 1), make_apply(rows, coupling) (the augmented
+    operator of ``march_forward``) and apply_T (A^T on rows) of a chunk of columns."""
     xp, n = prob.xp, prob.n
     forcing = xp.ascontiguousarray(prob.F[:, xp.asarray(cols)].T)  # (c, n)
     u0 = xp.zeros((cols.size, n + 1), dtype=forcing.dtype)
@@ -173,17 +274,7 @@ def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points, a_norm,
     def apply_T(v):  # A^T = A0^T + diag(d) on rows v
         return (prob.A0T @ v.T).T + d * v
 
-    # The augmented operator inherits Lanczos structure only from a zero start: u0 = e_{n+1}.
-    horizon = prob.loss.obs_times[-1]
-    keep_bytes = memory_budget(xp) // 2
-    states, intervals, acc = march_forward(
-        make_apply, u0, prob.loss.obs_times, horizon, k, rtol, keep_bytes,
-        prob.symmetric and prob.x0 is None, forcing_norms=to_numpy(xp.linalg.norm(forcing, axis=1)),
-        a_norm=a_norm, max_substeps=max_substeps)
-    loss, jumps = prob.loss.evaluate(states, cols)
-    grad_d = march_adjoint(make_apply, apply_T, intervals, jumps, n, horizon, k, rtol, acc,
-                           time_integral, quad_points, prob.symmetric, max_substeps)
-    return float(loss.sum()), grad_d, acc
+    return forcing, u0, make_apply, apply_T
 
 
 def _info(accs: list[Accuracy], rtol, k, dtype) -> dict:
@@ -205,11 +296,12 @@ def _info(accs: list[Accuracy], rtol, k, dtype) -> dict:
     }
 
 
-def _check_theta(theta, prob):
+def _check_theta(theta, prob, size):
     if not hasattr(theta, "shape") or not hasattr(theta, "dtype"):
-        raise TypeError(f"theta must be an array of shape ({prob.n},), got {type(theta).__name__}")
-    if theta.shape != (prob.n,):
-        raise ValueError(f"theta must have shape (n,) = ({prob.n},), got {theta.shape}")
+        raise TypeError(f"theta must be an array of shape ({size},), got {type(theta).__name__}")
+    if theta.shape != (size,):
+        what = "(n,)" if size == prob.n else "(param.theta_size(n),)"
+        raise ValueError(f"theta must have shape {what} = ({size},), got {theta.shape}")
     if theta.dtype.kind != "f":
         raise TypeError(f"theta must be a float array, got dtype {theta.dtype}")
     theta = to_module(theta, prob.xp)

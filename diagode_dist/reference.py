@@ -359,6 +359,17 @@ def reference_obs_loss_and_grad(A0_dense, F, x0, obs_times, loss_fn, theta,
 
 def _obs_loss_and_diag_grad(A, F, X0, times, loss_fn, cols, expm=scipy.linalg.expm):
     """(loss, dL/dd) for the full operator A (n, n) (steps 1-5 of part 2)."""
+    loss, K, _, _ = _obs_loss_and_integrals(A, F, X0, times, loss_fn, cols, expm)
+    return loss, np.diag(K).copy()
+
+
+def _obs_loss_and_integrals(A, F, X0, times, loss_fn, cols, expm=scipy.linalg.expm):
+    """(loss, K = dL/dA (n, n), dL/dX0 = Lambda(0) (n, S), dL/dF = int Lambda dt (n, S)).
+
+    K_i = E_i[:, :n] as in step 5; since U(t)^T = [X(t)^T, I_S], the last S columns of the same
+    block are E_i[:, n:] = int Lambda(t) dt over the interval (part 3, part 7 of the design:
+    dL/df_j = int lambda_j dt), and the top-left block carries Lambda back to t = 0.
+    """
     n, S = F.shape
     states, starts, A_hat = _march(A, F, X0, times, expm)
     per_col, jumps = loss_fn(states[:, :, cols].transpose(0, 2, 1), cols)
@@ -366,15 +377,16 @@ def _obs_loss_and_diag_grad(A, F, X0, times, loss_fn, cols, expm=scipy.linalg.ex
     G = np.zeros((times.size, n, S))
     for i in range(times.size):  # a repeated column adds up
         np.add.at(G[i].T, cols, np.asarray(jumps[i]) / cols.size)
-    diag_K = np.zeros(n)
+    K, grad_F = np.zeros((n, n)), np.zeros((n, S))
     lam = np.zeros((n, S))
     prev_times = np.concatenate([[0.0], times[:-1]])
     for i in reversed(range(times.size)):
         lam = lam + G[i]
         back, E = _van_loan(A.T, lam @ starts[i].T, A_hat.T, times[i] - prev_times[i], expm)
-        diag_K += np.diag(E[:, :n])
+        K += E[:, :n]
+        grad_F += E[:, n:]
         lam = back @ lam
-    return loss, diag_K
+    return loss, K, lam, grad_F
 
 
 def loss_only(A0_dense, F, x0, obs_times, loss_fn, theta, param_name="softplus", columns=None):
@@ -464,14 +476,18 @@ def expm_arb(a: np.ndarray, bits: int = 160) -> np.ndarray:
         flint.ctx.prec = previous
 
 
-def exact_loss_and_grad(prob, theta, param=None, columns=None,
-                        precise: bool = False) -> tuple[float, np.ndarray]:
+def exact_loss_and_grad(prob, theta, param=None, columns=None, precise: bool = False,
+                        wrt=None):
     """Exact (loss, dL/dtheta) of a ``diagode_dist.Problem`` with any of its losses.
 
     prob : Problem (classification, MSE or user loss; x0 or not; NumPy or CuPy, any float
         dtype -- the reference always computes in float64 on the host).
-    theta : (n,) real; param : a diagonal map with ``diag_from_theta`` and ``dtheta_from_ddiag``
-        (default: d = -softplus(theta)); columns : None (all) or 1-D ints.
+    theta : (p,) real; param : default d = -softplus(theta); a diagonal map with
+        ``diag_from_theta`` and ``dtheta_from_ddiag``, or one of the package's operator
+        parametrisations (``EdgeParam``, ``GeneratorParam``, ``Stack`` of those and the diagonal
+        maps), whose operator the reference builds densely with its own code (part 3 below);
+        columns : None (all) or 1-D ints.
+    wrt : None, or names among "theta", "x0", "F": then a dict of gradients (x0 and F: (n, S)).
 
     One (n+S) exponential per observation interval for the states and one (2n+S) Van Loan
     exponential per interval for the gradient (part 2 of the module docstring): O((2n+S)^3),
@@ -480,25 +496,92 @@ def exact_loss_and_grad(prob, theta, param=None, columns=None,
     (``expm_arb``): slower (about 0.5 s for a 64-square matrix) but exact to float64 on stiff
     operators, where ``scipy.linalg.expm`` loses digits (measured: 9e-8 relative gradient error
     at ||T A|| = 1e6).
+
+    Part 3: operator parametrisations. dL/dA = K (n x n) is exact (part 2, step 3, for any
+    perturbation dA). For a parametrisation A(theta) = A0 + D(theta), the reference builds
+    D(theta) densely from the parametrisation's description (pattern entries, transform,
+    generator row sums; complex-capable transforms), and dL/dtheta_p = sum_ik K_ik dD_ik/dtheta_p
+    with dD/dtheta_p = Im D(theta + i h e_p) / h, h = 1e-30 (a complex step: exact to rounding).
     """
     theta = _host(theta)
-    if param is None:
-        d, slope = diag_and_slope(theta, "softplus")
-        chain = slope.__mul__
+    F = _host(prob.F)
+    n = F.shape[0]
+    dense_terms = _dense_terms_of(param, n)
+    if dense_terms is not None:
+        D = dense_terms(theta.astype(complex)).real
+    elif param is None:
+        D = np.diag(diag_and_slope(theta, "softplus")[0])
     else:
-        d = np.asarray(_host(param.diag_from_theta(theta)))
-        chain = lambda g: _host(param.dtheta_from_ddiag(theta, g))  # noqa: E731
+        D = np.diag(np.asarray(_host(param.diag_from_theta(theta))))
     loss = prob.loss.to_device(_on_host)
 
     def loss_fn(states, cols):
         per_col, jumps = loss.evaluate(states, cols)
         return _host(per_col), _host(jumps)
 
-    F = _host(prob.F)
     X0 = np.zeros_like(F) if prob.x0 is None else _host(prob.x0)
     cols = np.arange(prob.S) if columns is None else np.asarray(columns, dtype=np.int64).ravel()
-    value, grad_d = _obs_loss_and_diag_grad(dense_matrix(prob.A0) + np.diag(d), F, X0,
-                                            np.asarray(loss.obs_times, dtype=np.float64),
-                                            loss_fn, cols,
-                                            expm_arb if precise else scipy.linalg.expm)
-    return value, chain(grad_d)
+    value, K, grad_x0, grad_F = _obs_loss_and_integrals(
+        dense_matrix(prob.A0) + D, F, X0, np.asarray(loss.obs_times, dtype=np.float64),
+        loss_fn, cols, expm_arb if precise else scipy.linalg.expm)
+    if dense_terms is not None:
+        grad = _complex_step_chain(dense_terms, theta, K)
+    elif param is None:
+        grad = diag_and_slope(theta, "softplus")[1] * np.diag(K)
+    else:
+        grad = _host(param.dtheta_from_ddiag(theta, np.diag(K).copy()))
+    if wrt is None:
+        return value, grad
+    grads = {"theta": grad, "x0": grad_x0, "F": grad_F}
+    return value, {name: grads[name] for name in wrt}
+
+
+def _complex_step_chain(dense_terms, theta, K) -> np.ndarray:
+    """sum_ik K_ik dD_ik/dtheta_p for every p, by complex steps of the dense map D(theta)."""
+    h = 1e-30
+    grad = np.empty(theta.size)
+    for p in range(theta.size):
+        step = theta.astype(complex)
+        step[p] += 1j * h
+        grad[p] = float((K * dense_terms(step).imag).sum() / h)
+    return grad
+
+
+def _transform_complex(name: str, theta: np.ndarray) -> np.ndarray:
+    if name == "softplus":
+        return _softplus_complex(theta)
+    if name == "exp":
+        return np.exp(theta)
+    if name == "identity":
+        return theta
+    raise ValueError(f"unknown transform {name!r}")
+
+
+def _dense_terms_of(param, n: int):
+    """A function complex theta (p,) -> D(theta) (n, n) complex for the package's
+    parametrisations (by class name and description), or None for a plain diagonal map."""
+    kind = type(param).__name__
+    if kind in ("SoftplusParam", "ExpParam"):
+        name = "softplus" if kind == "SoftplusParam" else "exp"
+        return lambda theta: np.diag(_diag_any(theta, name))
+    if kind in ("EdgeParam", "GeneratorParam"):
+        rows, cols, transform = param.pattern.rows, param.pattern.cols, param.transform
+
+        def pattern_terms(theta):
+            W = np.zeros((n, n), dtype=complex)
+            np.add.at(W, (rows, cols), _transform_complex(transform, theta))
+            return W - np.diag(W.sum(axis=1)) if kind == "GeneratorParam" else W
+
+        return pattern_terms
+    if kind == "Stack":
+        parts = [_dense_terms_of(part, n) for part in param.parts]
+        if any(part is None for part in parts):
+            raise TypeError("the reference builds a Stack of the package's parametrisations only")
+        sizes = np.cumsum([0] + [part.theta_size(n) for part in param.parts])
+
+        def stack_terms(theta):
+            return sum(part(theta[lo:hi]) for part, lo, hi in zip(parts, sizes[:-1], sizes[1:],
+                                                                  strict=True))
+
+        return stack_terms
+    return None
