@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._array import array_module, is_sparse
+from ._array import array_module
 from .adjoint import loss_and_grad
+from .param import EdgeParam, Stack
+from .pattern import Pattern
 from .problem import Problem
+from .solve import solve
 
 GRADIENTS = ("values", "d", "f", "x0", "t")
 """Names of the inputs ``vjp`` can differentiate by."""
@@ -131,8 +134,6 @@ def _operator_times(ode: ODE, X):
 
 def _edge_matrix(ode: ODE):
     """W (n, n) sparse CSR of the values' module: W[rows[e], cols[e]] += values[e]."""
-    from .pattern import Pattern
-
     return Pattern._of_entries(ode.rows, ode.cols, ode.n).matrix(ode.values)
 
 
@@ -149,8 +150,6 @@ def _problem(ode: ODE, loss):
 
 def _zero_operator(ode: ODE):
     """An n x n sparse zero of the arrays' module (no n x n dense array)."""
-    from .pattern import Pattern
-
     empty = np.zeros(0, dtype=np.int64)
     return Pattern._of_entries(empty, empty, ode.n).matrix(ode.xp.zeros(0, dtype=ode.dtype))
 
@@ -161,9 +160,6 @@ def _param_and_theta(ode: ODE):
     d = ode.d if ode.d is not None else xp.zeros(ode.n, dtype=ode.dtype)
     if ode.rows is None:
         return _Identity(), d
-    from .param import EdgeParam, Stack
-    from .pattern import Pattern
-
     pattern = Pattern._of_entries(ode.rows, ode.cols, ode.n)
     return Stack(_Identity(), EdgeParam(pattern, "identity")), xp.concatenate([d, ode.values])
 
@@ -171,25 +167,18 @@ def _param_and_theta(ode: ODE):
 def _core_states(ode: ODE):
     """States at the positive times (m', n, S) from the core's forward march."""
     param, theta = _param_and_theta(ode)
-    capture = _LinearLoss(None)
-    capture.observed = ode.xp.empty((ode.times.size - ode.at_zero, ode.n, ode.S), dtype=ode.dtype)
-    prob = _problem(ode, capture)
-    loss_and_grad(prob, theta, param, k=ode.k, rtol=ode.rtol)
-    return capture.observed
+    prob = _problem(ode, _LinearLoss(None))
+    return solve(prob, theta, param, k=ode.k, rtol=ode.rtol)
 
 
 class _LinearLoss:
-    """The user loss sum_i <G_i, x(t_i)> per column; its jumps are G (the backward pass).
-    Without G (forward), it records the states and returns zero jumps."""
+    """The user loss sum_i <G_i, x(t_i)> per column; its jumps are G (the backward pass)."""
 
     def __init__(self, upstream):
-        self.upstream = upstream  # (m', n, S)
+        self.upstream = upstream  # (m', n, S); None in the forward pass (never evaluated)
 
     def __call__(self, observed, columns):
         xp = array_module(observed)
-        if self.upstream is None:
-            self.observed[:, :, xp.asarray(columns)] = observed.transpose(0, 2, 1)
-            return xp.zeros(observed.shape[1], dtype=observed.dtype), xp.zeros_like(observed)
         jumps = self.upstream[:, :, xp.asarray(columns)].transpose(0, 2, 1)  # (m', c, n)
         return (jumps * observed).sum(axis=(0, 2)), jumps
 
@@ -199,7 +188,7 @@ def _core_vjp(ode: ODE, upstream, needed) -> dict:
     param, theta = _param_and_theta(ode)
     prob = _problem(ode, _LinearLoss(upstream))
     wrt = ("theta",) + tuple(core for name, core in (("x0", "x0"), ("f", "F")) if name in needed)
-    grads = _core_gradients(prob, theta, param, ode, wrt)
+    _, grads = loss_and_grad(prob, theta, param, k=ode.k, rtol=ode.rtol, wrt=wrt)
     S = ode.S  # the core returns means over the columns; the layer's loss is their sum
     out = {"d": grads["theta"][: ode.n] * S}
     if ode.rows is not None:
@@ -209,20 +198,3 @@ def _core_vjp(ode: ODE, upstream, needed) -> dict:
     if "f" in needed:
         out["f"] = grads["F"] * S
     return out
-
-
-def _core_gradients(prob, theta, param, ode, wrt):
-    import inspect
-
-    if "wrt" in inspect.signature(loss_and_grad).parameters:
-        return loss_and_grad(prob, theta, param, k=ode.k, rtol=ode.rtol, wrt=wrt)[1]
-    if len(wrt) > 1:  # TEMPORARY until the core has wrt=
-        raise NotImplementedError(f"gradients for {wrt[1:]} need the core's wrt=")
-    return {"theta": loss_and_grad(prob, theta, param, k=ode.k, rtol=ode.rtol)[1]}
-
-
-def check_sparse_free(*arrays):
-    """TypeError if any of these (dense-only) inputs is a sparse matrix."""
-    for name, a in arrays:
-        if a is not None and is_sparse(a):
-            raise TypeError(f"{name} must be dense, got a sparse matrix")

@@ -197,7 +197,7 @@ class _LinearODEFunction(torch.autograd.Function):
         with _on_device(spec["device"]):
             ode = _ode(spec, values, d, f, x0, times)
             grads = _layer.vjp(ode, _to_xp(out), _to_xp(upstream.contiguous()), needed)
-            result = [_from_xp(grads[name], spec["device"]) if name in grads else None
+            result = [_from_xp(grads[name], spec["device"]) if name in needed else None
                       for name in names]
         if result[4] is not None:
             result[4] = result[4].to(times)
