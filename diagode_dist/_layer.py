@@ -103,7 +103,7 @@ def vjp(ode: ODE, observed, upstream, needed) -> dict:
     observed : (m, n, S) the states from ``states(ode)``;  upstream : (m, n, S) dL/dx(t_i).
     """
     needed = set(needed)
-    xp, at_zero = ode.xp, ode.at_zero
+    at_zero = ode.at_zero
     grads = {}
     if needed & {"values", "d", "f", "x0"}:
         grads = _core_vjp(ode, upstream[at_zero:], needed)

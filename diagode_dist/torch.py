@@ -53,8 +53,9 @@ def expm_multiply(A: torch.Tensor, B: torch.Tensor, t=1.0, *, rtol: float = DEFA
     (n, S) or (n,) tensor like B. Raises ``diagode_dist.AccuracyError`` when the tolerance
     cannot be certified.
     """
-    sign = -1.0 if float(t) < 0 else 1.0  # exp(t A) = exp(|t| (sign A)); the time stays >= 0
-    times = t * sign if isinstance(t, torch.Tensor) else abs(float(t))
+    value = float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
+    sign = -1.0 if value < 0 else 1.0  # exp(t A) = exp(|t| (sign A)); the time stays >= 0
+    times = t * sign if isinstance(t, torch.Tensor) else abs(value)
     states = odeint_linear(_scaled(A, sign), x0=B, t=_as_times(times, A), rtol=rtol, k=k)
     return states[0]
 
