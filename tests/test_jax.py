@@ -12,6 +12,7 @@ from jax.test_util import check_grads  # noqa: E402
 from diagode_dist import jax as ddj  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.slow  # JAX compiles every new shape (seconds each on a loaded machine)
 
 
 def _rel(a, b):
