@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -390,9 +391,11 @@ def _as_torch_operator(A0, name, dtype):
 
     if sp.issparse(A0):
         A0 = sp.csr_matrix(A0)
-        A0 = torch.sparse_csr_tensor(torch.from_numpy(A0.indptr.astype(np.int64)),
-                                     torch.from_numpy(A0.indices.astype(np.int64)),
-                                     torch.from_numpy(A0.data), A0.shape)
+        with warnings.catch_warnings():  # torch's notice that sparse CSR support is in beta
+            warnings.simplefilter("ignore", UserWarning)
+            A0 = torch.sparse_csr_tensor(torch.from_numpy(A0.indptr.astype(np.int64)),
+                                         torch.from_numpy(A0.indices.astype(np.int64)),
+                                         torch.from_numpy(A0.data), A0.shape)
     elif isinstance(A0, np.ndarray):
         A0 = torch.from_numpy(A0)
     _check_operator(A0.to(dtype) if isinstance(A0, torch.Tensor) else A0, name)
