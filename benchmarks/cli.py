@@ -57,6 +57,13 @@ def _trust(args: argparse.Namespace) -> str:
                        markdown=args.markdown)
 
 
+def _layer(args: argparse.Namespace) -> str:
+    from .layer import layer_report
+
+    return layer_report(repeat=args.repeat, markdown=args.markdown, quick=args.quick,
+                        budget=args.peer_budget, log=_log)
+
+
 @dataclass(frozen=True)
 class Section:
     """An optional part of the report: ``--flag`` turns it on; ``render(args)`` returns it."""
@@ -76,6 +83,10 @@ SECTIONS: tuple[Section, ...] = (
     Section("service", "Dask service: parameter-server overhead and speed-up",
             "also measure the Dask service: parameter-server overhead per step (n = 1e4, 1e6) "
             "and the speed-up of 2 workers over 1 (~2 min)", _service),
+    Section("layer", "PyTorch layer: the bridge's cost, and stiff diffusion against torch peers",
+            "also time diagode_dist.torch against dd.loss_and_grad (seed demo shape) and "
+            "against torchdiffeq and matrix_exp on stiff 2-D diffusion, one process per "
+            "method (~5-10 min)", _layer),
     Section("gpu", "GPU: orthogonalisation bandwidth against the roofline",
             "also run ours on CuPy (n ~ 1e5, S = 1024) with the orthogonalisation's bytes "
             "moved, bandwidth and roofline fraction", _gpu),
