@@ -304,3 +304,20 @@ def test_hybrid_example_quick(tmp_path):
                                                                          rel=1e-6)
     assert (tmp_path / "loss.png").stat().st_size > 2000
     assert "torchdiffeq adjoint" in proc.stdout
+
+
+def test_layer_benchmark_reference_matches_the_layer():
+    """The stiff benchmark's exact gradients (dense Van Loan) agree with the layer's."""
+    from benchmarks.layer import exact_stiff_gradients, stiff_arrays
+
+    arrays = stiff_arrays(5, 3)
+    arrays["t"] = 200.0 / 400.0  # ||t A|| ~ 200: stiff, without decaying below rounding
+    exact = exact_stiff_gradients(arrays)
+    A = arrays["A"]
+    values = torch.tensor(A.data, requires_grad=True)
+    B = torch.tensor(arrays["B"], requires_grad=True)
+    csr = torch.sparse_csr_tensor(torch.tensor(A.indptr, dtype=torch.int64),
+                                  torch.tensor(A.indices, dtype=torch.int64), values, A.shape)
+    (ddt.expm_multiply(csr, B, arrays["t"]) * torch.tensor(arrays["G"])).sum().backward()
+    assert _rel(values.grad, torch.tensor(exact["values"])) < 1e-9
+    assert _rel(B.grad, torch.tensor(exact["B"])) < 1e-9
