@@ -64,6 +64,13 @@ def _connectivity(args: argparse.Namespace) -> str:
                               markdown=args.markdown, threads=args.threads, log=_log)
 
 
+def _layer(args: argparse.Namespace) -> str:
+    from .layer import layer_report
+
+    return layer_report(repeat=args.repeat, markdown=args.markdown, quick=args.quick,
+                        budget=args.peer_budget, log=_log)
+
+
 @dataclass(frozen=True)
 class Section:
     """An optional part of the report: ``--flag`` turns it on; ``render(args)`` returns it."""
@@ -87,6 +94,10 @@ SECTIONS: tuple[Section, ...] = (
             "also time the gradient of 10^4 generator weights (n = 100) against matrix_exp and "
             "torchdiffeq, and of 5 x 10^4 weights on a 10^4-node graph (~1 min)",
             _connectivity),
+    Section("layer", "PyTorch layer: the bridge's cost, and stiff diffusion against torch peers",
+            "also time diagode_dist.torch against dd.loss_and_grad (seed demo shape) and "
+            "against torchdiffeq and matrix_exp on stiff 2-D diffusion, one process per "
+            "method (~5-10 min)", _layer),
     Section("gpu", "GPU: orthogonalisation bandwidth against the roofline",
             "also run ours on CuPy (n ~ 1e5, S = 1024) with the orthogonalisation's bytes "
             "moved, bandwidth and roofline fraction", _gpu),
