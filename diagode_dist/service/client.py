@@ -122,8 +122,8 @@ class RunHandle:
                        reason=str(reason))
         if status is None:
             raise ValueError(f"the scheduler has no run {self.run_id!r}")
-        if "error" in status:
-            raise PermissionError(status["error"])
+        if "refused" in status:
+            raise PermissionError(status["refused"])
         return status_from_wire(status)
 
     def __repr__(self) -> str:

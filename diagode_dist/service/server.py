@@ -338,13 +338,13 @@ class ParameterServer(SchedulerPlugin):
     def cancel(self, run_id: str, token: str | None = None,
                reason: str = "cancelled by a client") -> dict | None:
         """Fail a running run on purpose (its shard loops exit at their next pull); refused
-        ({"error": ...}) without the run's token."""
+        ({"refused": why}) without the run's token."""
         run = self.runs.get(run_id)
         if run is None:
             return None
         if not _same_secret(run.token, token):
             logger.warning("diagode run %s: refused a cancel without the run's token", run_id)
-            return {"error": f"cancel of run {run_id!r} refused: wrong or missing token (only "
+            return {"refused": f"cancel of run {run_id!r} refused: wrong or missing token (only "
                              f"the submitting RunHandle, or attach(..., token=...), can cancel)"}
         if run.status == "running":
             self._fail(run, reason, cancelled=True)
