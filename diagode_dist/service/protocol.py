@@ -213,6 +213,12 @@ class ShardTiming(TypedDict, total=False):
     rtol_met: bool
 
 
+# The type of each ShardTiming entry: the server keeps only these (pages and gauges show them).
+SHARD_TIMING_TYPES: dict[str, type] = {
+    "compute_s": float, "pull_s": float, "load_s": float, "columns": int, "backend": str,
+    "worker": str, "error_estimate": float, "rtol_met": bool}
+
+
 class RunStatus(TypedDict):
     """The status of a run (``RunHandle.status()``, status.json, the page, the gauges)."""
 

@@ -71,6 +71,7 @@ from diagode_dist.service.protocol import (
     OPERATOR_PREFIX,
     SERVER_PLUGIN,
     SHARD_PREFIX,
+    SHARD_TIMING_TYPES,
     RunSpec,
     RunStatus,
     push_problem,
@@ -305,7 +306,7 @@ class ParameterServer(SchedulerPlugin):
                             f"(loss_sum={loss_sum}); lower lr or check the problem's scaling")
             return {"accepted": False, "status": run.status}
         run.pushes[shard] = (float(loss_sum), grad_sum, int(count))
-        run.shard_timings[shard] = dict(timings or {})
+        run.shard_timings[shard] = _known_timings(timings)
         if len(run.pushes) == run.n_shards:
             self._complete_step(run)
         return {"accepted": True, "status": run.status}
@@ -592,6 +593,17 @@ def _same_secret(expected: str, given: Any) -> bool:
     """Constant-time comparison of a run's token with a caller's."""
     return isinstance(given, str) and bool(expected) and hmac.compare_digest(
         expected.encode(), given.encode())
+
+
+def _known_timings(timings: dict | None) -> dict:
+    """The entries of ``ShardTiming`` with values of their type (pages and gauges show them)."""
+    kept = {}
+    for key, kind in SHARD_TIMING_TYPES.items():
+        value = (timings or {}).get(key)
+        wanted = (int, float) if kind is float else kind
+        if isinstance(value, wanted) and (kind is bool or not isinstance(value, bool)):
+            kept[key] = value[:200] if isinstance(value, str) else value
+    return kept
 
 
 def _held_bytes(run: Run) -> int:
