@@ -167,8 +167,9 @@ def _check_contents(path: Path, theta, state: dict, meta: Any) -> None:
                                     f"step {meta['step']}")
 
 
-def mismatches(meta: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """"name: checkpoint X, this run Y" for each entry of ``expected`` the checkpoint differs in.
+def mismatches(meta: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
+    """"name: checkpoint X, this run Y" for each entry of ``expected`` the checkpoint differs in
+    (nested dicts compared entry by entry, named "problem.A0.blake2b").
 
     ``expected`` holds plain values (lists, not tuples); an entry the checkpoint lacks counts
     as a difference.
@@ -178,9 +179,13 @@ def mismatches(meta: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     for name, value in expected.items():
         recorded = meta.get(name, missing)
         if recorded is missing:
-            found.append(f"{name}: not recorded in the checkpoint, this run {value!r}")
+            found.append(f"{prefix}{name}: not recorded in the checkpoint, this run {value!r}")
+        elif isinstance(recorded, dict) and isinstance(value, dict):
+            found += mismatches(recorded, value, f"{prefix}{name}.")
+            found += [f"{prefix}{name}.{extra}: checkpoint {recorded[extra]!r}, not in this run"
+                      for extra in recorded if extra not in value]
         elif plain(recorded) != plain(value):
-            found.append(f"{name}: checkpoint {recorded!r}, this run {value!r}")
+            found.append(f"{prefix}{name}: checkpoint {recorded!r}, this run {value!r}")
     return found
 
 
