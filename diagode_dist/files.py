@@ -307,6 +307,13 @@ def operator_fingerprint(A0, where=None) -> dict:
         return array_fingerprint(A0, "A0", where)
     csr = sp.csr_matrix(A0)
     csr.sort_indices()  # one content, one hash, however the entries were ordered
+    label = "A0" if where is None else f"A0: {where}"
+    if csr.dtype.kind not in "fiub":
+        raise TypeError(f"{label} must hold real numbers, got dtype {csr.dtype}")
+    bad = np.flatnonzero(~np.isfinite(csr.data)) if csr.dtype.kind == "f" else ()
+    if len(bad):
+        row = int(np.searchsorted(csr.indptr, bad[0], side="right") - 1)
+        raise ValueError(f"{label} has a NaN or inf at index ({row}, {int(csr.indices[bad[0]])})")
     parts = {name: array_fingerprint(getattr(csr, name), f"A0 {name}", where)["blake2b"]
              for name in ("data", "indices", "indptr")}
     digest = hashlib.blake2b(repr(sorted(parts.items())).encode(), digest_size=16)
