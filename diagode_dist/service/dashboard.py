@@ -86,10 +86,11 @@ def public_statuses(server) -> list:
     statuses = server.statuses() if server is not None else []
     if dask.config.get("diagode.service.expose-paths", False):
         return statuses
-    return [_without_locations(status) for status in statuses]
+    return [without_locations(status) for status in statuses]
 
 
-def _without_locations(status: dict) -> dict:
+def without_locations(status: dict) -> dict:
+    """``status`` without the checkpoint's absolute path and the shards' worker addresses."""
     checkpoint = status.get("checkpoint")
     if checkpoint:
         folder, name = os.path.split(checkpoint)

@@ -230,6 +230,20 @@ def status_of(run: Run) -> RunStatus:
     }
 
 
+def ended_beyond(runs, budget: int) -> list[Run]:
+    """The ended runs to forget: the oldest ones, once the newer ones fill ``budget`` bytes
+    (theta, per-step losses and history, roughly)."""
+    ended = sorted((r for r in runs if r.status != "running"), key=lambda r: r.ended or 0.0,
+                   reverse=True)
+    per_entry = 64  # a (step, loss) tuple or a float in a list, with its object overhead
+    used, dropped = 0, []
+    for run in ended:  # newest first: kept while the budget lasts
+        used += int(run.theta.nbytes) + per_entry * (len(run.loss_trace) + len(run.history))
+        if used > budget:
+            dropped.append(run)
+    return dropped
+
+
 def checked_theta0(theta0: Any, n: int) -> np.ndarray:
     """theta0 as received: a finite float64 vector of length n."""
     theta = np.asarray(theta0) if isinstance(theta0, np.ndarray) else None
