@@ -368,3 +368,27 @@ def test_a_stopped_worker_is_replaced_and_the_run_ends_with_the_same_bits(proble
         client.wait_for_workers(2, timeout=60)
         again = submit(client, prob, np.zeros(prob.n), n_shards=2, **options).wait(120)
         assert np.array_equal(again[0], undisturbed[0])
+
+
+class _SlowParam(dd.SoftplusParam):
+    """Softplus whose every evaluation takes ``delay`` seconds: every shard is slow alike."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def diag_from_theta(self, theta):
+        time.sleep(self.delay)
+        return super().diag_from_theta(theta)
+
+
+def test_when_every_worker_is_slow_none_is_removed(client, problems):
+    """Stalls on all workers at once are not one bad worker: removing them all would lose
+    the cluster, so the run just goes on (and step_timeout stays the limit)."""
+    prob = problems[0]
+    run = submit(client, prob, np.zeros(prob.n), param=_SlowParam(1.0), n_shards=2,
+                 stall_timeout=0.3, **{**TRAIN, "epochs": 1})
+    theta, _ = run.wait(60)
+    assert run.status()["shard_restarts"] == [0, 0]
+    assert len(client.scheduler_info()["workers"]) == 2
+    expected = dd.fit(prob, np.zeros(prob.n), **{**TRAIN, "epochs": 1})[0]
+    assert _relative(theta, expected) <= 1e-12

@@ -3,8 +3,9 @@
 - A step that takes longer than the run's ``step_timeout`` fails the run, naming the shards
   that did not push.
 - A shard that has not pushed for the run's stall timeout (``stall_timeout``: the run's own,
-  else ``_STALL_STEPS`` median step times within [``_STALL_MIN_S``, ``_STALL_MAX_S``]) has its
-  worker removed from the cluster, so Dask reruns the shard elsewhere as after a death (it
+  else ``_STALL_STEPS`` median step times within [``_STALL_MIN_S``, ``_STALL_MAX_S``]), on a
+  worker that has stopped heartbeating while another worker still does, has that worker
+  removed from the cluster, so Dask reruns the shard elsewhere as after a death (it
   resumes at the server's step, so theta is unchanged bit for bit); the worker's nanny then
   kills the process (SIGKILL also ends a stopped one) and starts a fresh worker. Without this
   a stopped (SIGSTOP, swapped out, hung in I/O) worker stays registered until Dask's own
@@ -71,26 +72,43 @@ def stall_timeout(run: Run) -> float:
     return min(max(_STALL_STEPS * median, _STALL_MIN_S), _STALL_MAX_S)
 
 def _check_stalls(server, run: Run, now: float) -> None:
-    """Remove the worker of each shard that has not pushed for the stall timeout."""
+    """Remove the workers of the shards that have not pushed for the stall timeout, when such
+    a worker has also stopped heartbeating and another worker still does.
+
+    A shard that is slow on a worker that answers the scheduler is busy, not stuck (and
+    ``step_timeout`` bounds it); when every worker is silent the cause is not one bad worker
+    (a blocked scheduler, an overloaded machine, a long ``client.run``), and removing them all
+    would only lose the cluster.
+    """
     if server.scheduler is None:
         return
     limit = stall_timeout(run)
+    quiet_s = max(limit / 2, 5.0)  # heartbeats come every 0.5-5 s, late on a loaded machine
+    wall = time.time()  # WorkerState.last_seen is wall-clock time
+    stalled = {}  # shard -> (its worker's state, seconds without a push)
     for shard in range(run.n_shards):
         since = max(run.step_started, run.waiting_since.get(shard, 0.0))
         if shard in run.pushes or now - since <= limit:
             continue
         task = server.scheduler.tasks.get(shard_key(run.uid, shard))
         worker = getattr(task, "processing_on", None)
-        if worker is None:  # not running anywhere: nothing to heal, step_timeout decides
-            continue
+        if worker is not None and wall - worker.last_seen > quiet_s:
+            stalled[shard] = (worker, now - since)
+    suspects = {worker.address for worker, _ in stalled.values()}
+    answering = [w for w in server.scheduler.workers.values()
+                 if w.address not in suspects and wall - w.last_seen <= quiet_s]
+    if not stalled or not answering:
+        return
+    for shard, (worker, silent_s) in stalled.items():
         run.waiting_since[shard] = now
         run.stalls += 1
-        logger.warning("diagode run %s: shard %d made no progress for %.1f s (stall "
-                       "timeout %.1f s) on worker %s; removing that worker so the shard "
-                       "reruns elsewhere", run.run_id, shard, now - since, limit,
-                       worker.address)
-        server.in_background(_replace_worker(server.scheduler, worker.address,
-                                                 worker.nanny))
+        logger.warning("diagode run %s: shard %d made no progress for %.1f s (stall timeout "
+                       "%.1f s) on worker %s, silent for %.1f s; removing that worker so the "
+                       "shard reruns elsewhere", run.run_id, shard, silent_s, limit,
+                       worker.address, wall - worker.last_seen)
+    for worker in {worker.address: worker for worker, _ in stalled.values()}.values():
+        server.in_background(_replace_worker(server.scheduler, worker.address, worker.nanny))
+
 
 async def _replace_worker(scheduler, address: str, nanny: str | None) -> None:
     """Take a stalled worker out (its tasks are rescheduled at once), then have its nanny
