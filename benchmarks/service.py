@@ -16,6 +16,11 @@ processes (one thread each):
 - **Speed-up** of 2 workers (2 shards) over 1 worker (1 shard) on a compute-bound problem
   (the demo problem, a full batch per step): ratio of the mean step periods.
 
+A third, ``soak`` (``python -m benchmarks.service --soak 10000``), runs one long training
+run (4 shards on 2 workers, tiny compute) and samples the resident memory (RSS) of the
+scheduler process and of each worker every tenth of the run: it must stay flat (Dask's
+per-task metrics ledger, the server's per-step traces and ended-run records are all bounded).
+
 On a shared or loaded machine these numbers are noisy; quote them from a quiet one.
 """
 
@@ -126,12 +131,74 @@ def _timed_run(prob, shards: int, workers: int, steps: int, batch_size: int) -> 
         return run.status()
 
 
+def soak(steps: int = 10_000, shards: int = 4, workers: int = 2, n: int = 1000,
+         samples: int = 10) -> list[dict[str, Any]]:
+    """One run of ``steps`` steps; a row per sample: step, steps/s since the previous sample,
+    RSS (MB) of the scheduler process (this one: LocalCluster's scheduler runs in-process)
+    and of each worker process."""
+    import psutil
+    import scipy.sparse as sp
+    from distributed import Client, LocalCluster
+
+    from diagode_dist.problem import Problem
+    from diagode_dist.service.client import submit
+
+    rng = np.random.default_rng(0)
+    prob = Problem(sp.csr_matrix((n, n)), rng.standard_normal((n, shards)),
+                   rng.integers(0, n, shards), T=1.0, beta=1.0)
+    rows = []
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.wait_for_workers(workers, timeout=120)
+        run = submit(client, prob, np.zeros(n), n_shards=shards, batch_size=shards, k=8,
+                     epochs=steps, lr=1e-4, step_timeout=600)
+        previous = (0, time.perf_counter())
+        for target in np.linspace(steps / samples, steps, samples).astype(int):
+            while (status := run.status())["step"] < target and status["status"] == "running":
+                time.sleep(0.05)
+            if status["status"] != "running" and status["step"] < target:
+                raise RuntimeError(f"soak run ended early: {status['error']}")
+            now = time.perf_counter()
+            rss = client.run(lambda: psutil.Process().memory_info().rss)
+            rows.append({"step": status["step"],
+                         "steps_per_s": (status["step"] - previous[0]) / (now - previous[1]),
+                         "scheduler_mb": psutil.Process().memory_info().rss / 2**20,
+                         "worker_mb": [rss[w] / 2**20 for w in sorted(rss)]})
+            previous = (status["step"], now)
+        run.wait()
+    return rows
+
+
+def format_soak(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of ``soak`` rows, and the growth per 1000 steps after the first
+    sample (warm-up)."""
+    lines = ["| step | steps/s | scheduler RSS MB | worker RSS MB |", "|---|---|---|---|"]
+    for row in rows:
+        workers = " / ".join(f"{mb:.1f}" for mb in row["worker_mb"])
+        lines.append(f"| {row['step']} | {row['steps_per_s']:.0f} | {row['scheduler_mb']:.1f} | "
+                     f"{workers} |")
+    first, last = rows[0], rows[-1]
+    per_k = 1000 / max(1, last["step"] - first["step"])
+    worker_growth = max(b - a for a, b in zip(first["worker_mb"], last["worker_mb"],
+                                              strict=True))
+    lines.append(f"\nGrowth from step {first['step']} to {last['step']}: scheduler "
+                 f"{(last['scheduler_mb'] - first['scheduler_mb']) * per_k:+.2f} MB per 1000 "
+                 f"steps, worker (largest) {worker_growth * per_k:+.2f} MB per 1000 steps")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.service",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="n = 1e4 only, fewer steps")
+    parser.add_argument("--soak", type=int, metavar="STEPS", default=None,
+                        help="run the memory soak of STEPS steps instead")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    if args.soak is not None:
+        print(format_soak(soak(steps=args.soak)))
+        print(f"\n({time.perf_counter() - started:.0f} s; 4 shards on 2 worker processes)")
+        return 0
     if args.quick:
         rows = bench_service(overhead_sizes=(10_000,), overhead_steps=20, speedup_steps=6)
     else:

@@ -137,6 +137,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="embedded cluster: number of workers (default: per GPU / CPU core)")
     train.add_argument("--cpu", action="store_true", help="embedded cluster: CPU workers only")
     _add_timeouts(train)
+    _add_tls_options(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_option_flags(train)  # each overrides the config's [train] value
     train.set_defaults(handler=_cmd_train)
@@ -145,6 +146,7 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_id", metavar="RUN_ID")
     _add_scheduler_options(status.add_mutually_exclusive_group(required=True))
     _add_timeouts(status, workers=False)
+    _add_tls_options(status)
     status.set_defaults(handler=_cmd_status)
 
     result = commands.add_parser("result", parents=[common], help="write a run's result files")
@@ -154,6 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="output folder (default: %(default)s)")
     result.add_argument("--wait", action="store_true", help="wait for a running run to finish")
     _add_timeouts(result, workers=False)
+    _add_tls_options(result)
     result.add_argument("--quiet", action="store_true", help="no progress bar")
     result.set_defaults(handler=_cmd_result)
 
@@ -178,6 +181,36 @@ def _add_scheduler_options(group) -> None:
                        help="address of a running Dask scheduler, e.g. tcp://host:8786")
     group.add_argument("--scheduler-file", type=Path, metavar="FILE",
                        help="scheduler file written by `dask scheduler --scheduler-file`")
+
+
+def _add_tls_options(parser) -> None:
+    """``dask scheduler``'s TLS flags, for a running scheduler that speaks tls://."""
+    group = parser.add_argument_group("TLS (a running scheduler at tls://...; default: Dask's "
+                                      "config, e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE)")
+    group.add_argument("--tls-ca-file", type=Path, metavar="PEM",
+                       help="CA certificate(s) that signed the scheduler's certificate")
+    group.add_argument("--tls-cert", type=Path, metavar="PEM", help="this client's certificate")
+    group.add_argument("--tls-key", type=Path, metavar="PEM",
+                       help="this client's private key (if not inside --tls-cert)")
+
+
+def _security(args: argparse.Namespace):
+    """A distributed.Security from the TLS flags, or None when none is given."""
+    given = {name: getattr(args, name, None) for name in ("tls_ca_file", "tls_cert", "tls_key")}
+    if not any(given.values()):
+        return None
+    for name, path in given.items():
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"--{name.replace('_', '-')}: no such file: {path}")
+    if given["tls_ca_file"] is None or given["tls_cert"] is None:
+        raise ValueError("TLS needs --tls-ca-file and --tls-cert (and --tls-key unless the key "
+                         "is in the certificate file)")
+    from distributed import Security
+
+    return Security(tls_ca_file=str(given["tls_ca_file"]),
+                    tls_client_cert=str(given["tls_cert"]),
+                    tls_client_key=None if given["tls_key"] is None else str(given["tls_key"]),
+                    require_encryption=True)
 
 
 def _add_timeouts(parser, workers: bool = True) -> None:
@@ -261,7 +294,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out_dir = (args.out if args.out is not None else config.output_dir).resolve()
     spec = config.problem
     files = spec.files()
-    files.validate()  # FileNotFoundError / ValueError before any cluster is contacted
+    files.preflight()  # every value read once: bad files fail before any cluster is contacted
     if options.n_shards is not None and options.n_shards > files.S:
         raise ValueError(f"[train] n_shards = {options.n_shards} is more than the "
                          f"S = {files.S} columns of F")
@@ -360,7 +393,7 @@ def _open(args: argparse.Namespace, slurm: SlurmOptions | None, slurm_logs: Path
         return open_client(args.scheduler, args.scheduler_file,
                            connect_timeout=args.connect_timeout,
                            worker_timeout=getattr(args, "worker_timeout", 300.0),
-                           min_workers=min_workers)
+                           min_workers=min_workers, security=_security(args))
     if slurm is not None:
         return open_client(slurm=slurm, worker_timeout=args.worker_timeout,
                            slurm_logs=slurm_logs)

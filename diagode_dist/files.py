@@ -12,12 +12,17 @@ Supported formats
   (m, n, S), memory-mapped: a shard reads its own columns.
 
 Paths are stored absolute, so they mean the same file on every worker of a shared file system.
+``validate`` reads headers only; ``preflight`` also reads every value once, in bounded chunks,
+and refuses NaN/inf or complex values naming the file and the first bad index; it returns the
+problem's fingerprint (shapes, dtypes and a content hash per file), which the training
+service records in checkpoints. ``array_fingerprint`` does the same for an in-memory array.
 This module does not import Dask: loading a problem from files needs NumPy/SciPy (and zarr for
 ``.zarr``) only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from pathlib import Path
@@ -33,6 +38,7 @@ __all__ = ["ProblemFiles"]
 
 _A0_SUFFIXES = (".npy", ".npz", ".mtx")
 _COLUMN_SUFFIXES = (".npy", ".zarr")
+_SCAN_BYTES = 32 * 2**20  # values read at a time by preflight (memory-safe on any size)
 
 
 class ProblemFiles:
@@ -81,6 +87,7 @@ class ProblemFiles:
         else:
             raise ValueError(f"loss must be None (classification) or 'mse', got {loss!r}")
         self._shape: tuple[int, int] | None = None
+        self._preflight: tuple[tuple, dict] | None = None  # (files' stat, fingerprint)
 
     # ---- validation ------------------------------------------------------------------------
 
@@ -133,6 +140,33 @@ class ProblemFiles:
             raise ValueError(f"labels must lie in [0, n) = [0, {n}), "
                              f"got [{labels.min()}, {labels.max()}]")
 
+    def preflight(self) -> dict:
+        """``validate``, then read every value once in chunks of ~32 MB: ValueError naming the
+        file and the first bad index if one is NaN or inf, TypeError if A0 is complex or not
+        numeric. Returns the fingerprint ``{name: {"shape", "dtype", "blake2b"}}`` of A0, F,
+        labels or targets (and x0); the result is kept while the files' sizes and mtimes do not
+        change.
+        """
+        self.validate()
+        stat = self._stat()
+        if self._preflight is not None and self._preflight[0] == stat:
+            return self._preflight[1]
+        prints = {"A0": _scan_operator(self.A0)}
+        for name in ("F", "labels", "x0"):
+            path = getattr(self, name)
+            if path is not None:
+                prints[name] = array_fingerprint(_open_columns(path, name), name, path)
+        if self.targets is not None:
+            prints["targets"] = array_fingerprint(_open_npy(self.targets, "targets"), "targets",
+                                                  self.targets)
+            prints["obs_times"] = list(self.obs_times)
+        self._preflight = (stat, prints)
+        return prints
+
+    def _stat(self) -> tuple:
+        paths = [p for p in (self.A0, self.F, self.labels, self.x0, self.targets) if p is not None]
+        return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+
     def check_exist(self) -> ProblemFiles:
         """FileNotFoundError naming the first argument whose file (or .zarr folder) is missing."""
         for name in ("A0", "F", "labels", "x0", "targets"):
@@ -164,17 +198,7 @@ class ProblemFiles:
 
     def load_operator(self):
         """A0 as a NumPy array (.npy, dense .mtx) or a SciPy CSR matrix (.npz, sparse .mtx)."""
-        suffix = self.A0.suffix.lower()
-        if suffix == ".npy":
-            return np.load(self.A0, allow_pickle=False)
-        if suffix == ".npz":
-            try:
-                return sp.load_npz(self.A0).tocsr()
-            except (ValueError, KeyError, zipfile.BadZipFile) as err:
-                raise ValueError(f"A0: {self.A0} is not a scipy.sparse.save_npz file "
-                                 f"({err})") from None
-        A = scipy.io.mmread(self.A0)
-        return sp.csr_matrix(A) if sp.issparse(A) else np.asarray(A)
+        return _load_operator(self.A0)
 
     def load_columns(self, columns) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Host copies of F[:, columns], labels[columns], x0[:, columns] (x0 may be None).
@@ -228,6 +252,19 @@ def _times(obs_times, T: float) -> tuple[float, ...]:
         raise ValueError(f"obs_times must increase strictly within (0, T] = (0, {T}], "
                          f"got {obs_times!r}")
     return tuple(float(t) for t in times)
+
+
+def _load_operator(path: Path):
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix == ".npz":
+        try:
+            return sp.load_npz(path).tocsr()
+        except (ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise ValueError(f"A0: {path} is not a scipy.sparse.save_npz file ({err})") from None
+    A = scipy.io.mmread(path)
+    return sp.csr_matrix(A) if sp.issparse(A) else np.asarray(A)
 
 
 def _path(value, name: str, allowed=None) -> Path:
@@ -292,3 +329,61 @@ def _operator_shape(path: Path) -> tuple[int, ...]:
     except Exception as err:  # scipy raises ValueError or its own parse errors
         raise ValueError(f"A0: {path} is not a Matrix Market file ({err})") from None
     return (int(rows), int(cols))
+
+
+# ---- pre-flight: every value read once, in chunks ------------------------------------------
+
+def array_fingerprint(array, name: str, where=None) -> dict:
+    """{"shape", "dtype", "blake2b"} of a NumPy, memory-mapped or zarr array, read in chunks
+    along its last axis (columns) of ~32 MB.
+
+    ValueError naming ``name`` (and the file ``where``) and the first (row, column) index of a
+    NaN or inf; TypeError for a complex or non-numeric dtype.
+    """
+    dtype = np.dtype(array.dtype)
+    label = name if where is None else f"{name}: {where}"
+    if dtype.kind not in "fiub":
+        raise TypeError(f"{label} must hold real numbers, got dtype {dtype}")
+    shape = tuple(int(s) for s in array.shape)
+    digest = hashlib.blake2b(repr((shape, dtype.str)).encode(), digest_size=16)
+    if len(shape) == 0 or 0 in shape:
+        return {"shape": list(shape), "dtype": dtype.str, "blake2b": digest.hexdigest()}
+    rows = int(np.prod(shape[:-1]))
+    width = max(1, _SCAN_BYTES // max(1, rows * dtype.itemsize))
+    for lo in range(0, shape[-1], width):
+        block = np.ascontiguousarray(np.asarray(array[..., lo:lo + width]))
+        if dtype.kind == "f":
+            bad = ~np.isfinite(block)
+            if bad.any():
+                index = np.unravel_index(int(np.argmax(bad)), block.shape)
+                first = (*index[:-1], index[-1] + lo)
+                raise ValueError(f"{label} has a NaN or inf at index "
+                                 f"{tuple(int(i) for i in first)}")
+        digest.update(block.data)
+    return {"shape": list(shape), "dtype": dtype.str, "blake2b": digest.hexdigest()}
+
+
+def operator_fingerprint(A0, where=None) -> dict:
+    """``array_fingerprint`` of a dense A0, or of a SciPy sparse A0's (data, indices, indptr)."""
+    if not sp.issparse(A0):
+        return array_fingerprint(A0, "A0", where)
+    csr = sp.csr_matrix(A0)
+    csr.sort_indices()  # one content, one hash, however the entries were ordered
+    label = "A0" if where is None else f"A0: {where}"
+    if csr.dtype.kind not in "fiub":
+        raise TypeError(f"{label} must hold real numbers, got dtype {csr.dtype}")
+    bad = np.flatnonzero(~np.isfinite(csr.data)) if csr.dtype.kind == "f" else ()
+    if len(bad):
+        row = int(np.searchsorted(csr.indptr, bad[0], side="right") - 1)
+        raise ValueError(f"{label} has a NaN or inf at index ({row}, {int(csr.indices[bad[0]])})")
+    parts = {name: array_fingerprint(getattr(csr, name), f"A0 {name}", where)["blake2b"]
+             for name in ("data", "indices", "indptr")}
+    digest = hashlib.blake2b(repr(sorted(parts.items())).encode(), digest_size=16)
+    return {"shape": list(csr.shape), "dtype": csr.dtype.str, "sparse": True,
+            "blake2b": digest.hexdigest()}
+
+
+def _scan_operator(path: Path) -> dict:
+    if path.suffix.lower() == ".npy":
+        return array_fingerprint(_open_npy(path, "A0"), "A0", path)  # memory-mapped
+    return operator_fingerprint(_load_operator(path), path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import scipy.io
@@ -176,3 +178,62 @@ def test_bad_zarr_inputs_name_the_argument(paths, arrays):
     with pytest.raises(ValueError, match=r"x0 must have shape \(n, S\) = \(12, 9\)"):
         ProblemFiles(paths / "A0.npy", paths / "F.npy", paths / "labels.npy",
                      x0=short).validate()
+
+
+# ---- pre-flight: every value read once, in chunks, before any cluster ----------------------
+
+def test_preflight_names_the_file_and_the_first_bad_index(paths, arrays, monkeypatch):
+    import diagode_dist.files as files_module
+
+    monkeypatch.setattr(files_module, "_SCAN_BYTES", 8 * N * 2)  # 2 columns per chunk
+    A0, F, labels, x0 = arrays
+    files = ProblemFiles(paths / "A0.npy", paths / "F.npy", paths / "labels.npy",
+                         x0=paths / "x0.npy")
+    clean = files.preflight()
+    assert clean["F"]["shape"] == [N, S] and len(clean["F"]["blake2b"]) == 32
+    for name, array, index in (("F", F, (5, 7)), ("x0", x0, (0, 8)), ("A0", A0, (3, 1))):
+        broken = np.array(array)
+        broken[index] = np.inf if name == "x0" else np.nan
+        np.save(paths / f"{name}.npy", broken)
+        with pytest.raises(ValueError, match=rf"{name}: {paths / name}\.npy has a NaN or inf "
+                                             rf"at index \({index[0]}, {index[1]}\)"):
+            files.preflight()
+        np.save(paths / f"{name}.npy", array)
+    assert files.preflight() == clean  # the same contents, the same fingerprint
+    np.save(paths / "A0.npy", A0.astype(complex))
+    with pytest.raises(TypeError, match=r"A0: .*A0\.npy must hold real numbers, got dtype "
+                                        r"complex128"):
+        files.preflight()
+
+
+def test_preflight_fingerprint_follows_the_contents(paths, arrays):
+    files = ProblemFiles(paths / "A0.npz", paths / "F.npy", paths / "labels.npy")
+    before = files.preflight()
+    F = np.array(arrays[1])
+    F[0, 0] += 1e-12
+    np.save(paths / "F.npy", F)
+    after = files.preflight()
+    assert after["F"]["blake2b"] != before["F"]["blake2b"]
+    assert after["A0"] == before["A0"] and after["labels"] == before["labels"]
+    sparse = sp.load_npz(paths / "A0.npz")
+    sparse.data[0] = np.nan
+    sp.save_npz(paths / "A0.npz", sparse)
+    with pytest.raises(ValueError, match=r"A0: .*A0\.npz has a NaN or inf"):
+        files.preflight()
+
+
+def test_train_preflights_files_before_any_cluster_starts(paths, arrays, capsys):
+    from diagode_dist.cli import main
+
+    F = np.array(arrays[1])
+    F[2, 4] = np.nan
+    np.save(paths / "F.npy", F)
+    config = paths / "run.toml"
+    config.write_text('[problem]\nA0 = "A0.npy"\nF = "F.npy"\nlabels = "labels.npy"\n'
+                      "T = 1.0\nbeta = 2.0\n[train]\nepochs = 1\n")
+    started = time.monotonic()
+    assert main(["train", str(config), "--out", str(paths / "out"), "--cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cluster" not in err.lower()
+    assert f"F: {paths / 'F.npy'} has a NaN or inf at index (2, 4)" in err
+    assert time.monotonic() - started < 5  # no cluster was started

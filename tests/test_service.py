@@ -24,7 +24,12 @@ from diagode_dist.service import (
     list_runs,
     submit,
 )
-from diagode_dist.service.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from diagode_dist.service.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 from diagode_dist.service.shard import shard_columns
 
 TRAIN = {"epochs": 3, "lr": 2e-2, "batch_size": 8, "seed": 5}
@@ -211,8 +216,7 @@ def test_resume_edge_cases(client, prob, tmp_path):
     assert run.status()["resumed_from_step"] is None
     run.wait(timeout=60)
     assert load_checkpoint(checkpoint_path(ckpt))[2]["step"] == run.status()["n_steps"]
-    with pytest.raises(ValueError, match="checkpoint .* has batch_size=8, this run has "
-                                         "batch_size=4"):
+    with pytest.raises(CheckpointError, match="batch_size: checkpoint 8, this run 4"):
         submit(client, prob, np.zeros(prob.n), n_shards=2, checkpoint_dir=ckpt, resume=True,
                **{**options, "batch_size": 4})
     (tmp_path / "a-file").write_text("")
@@ -225,7 +229,8 @@ def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.npz"
     theta = np.arange(5.0)
     state = {"m": np.ones(5), "v": np.full(5, 2.0), "t": 7}
-    save_checkpoint(path, theta, state, {"step": 7, "history": [1.5]})
+    meta = {"history": [1.5], "epoch_loss_sum": 0.0, "steps_per_epoch": 4}
+    save_checkpoint(path, theta, state, {"step": 7, **meta})
     loaded_theta, loaded_state, meta = load_checkpoint(path)
     assert np.array_equal(loaded_theta, theta) and loaded_state["t"] == 7
     assert np.array_equal(loaded_state["v"], state["v"]) and meta["history"] == [1.5]
@@ -236,7 +241,7 @@ def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez", broken_savez)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, theta + 1, state, {"step": 8, "history": []})
+        save_checkpoint(path, theta + 1, {**state, "t": 8}, {"step": 8, **meta})
     assert np.array_equal(load_checkpoint(path)[0], theta)  # the old checkpoint is intact
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.npz"]  # no temp file left
 

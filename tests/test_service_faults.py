@@ -51,6 +51,10 @@ def _wait_for_step(run, step, timeout=60.0):
     return status
 
 
+def _uid(run) -> str:
+    return run.status()["uid"]
+
+
 def _kill_worker_running(client, key) -> int:
     """SIGKILL the worker process that is running task ``key``; returns the step count seen."""
     def where(dask_scheduler, key):
@@ -70,7 +74,7 @@ def _kill_worker_running(client, key) -> int:
 def test_sigkill_a_worker_mid_run_gives_the_same_bits(client, prob, undisturbed):
     run = submit(client, prob, np.zeros(prob.n), n_shards=3, **TRAIN)
     _wait_for_step(run, 6)
-    _kill_worker_running(client, shard_key(run.run_id, 0))
+    _kill_worker_running(client, shard_key(_uid(run), 0))
     theta, history = run.wait(timeout=120)
     status = run.status()
     assert status["status"] == "finished"
@@ -90,7 +94,7 @@ def test_sigkill_the_worker_holding_dask_chunks_gives_the_same_bits(client, prob
     reference = submit(client, problem, np.zeros(prob.n), **TRAIN).wait(timeout=120)
     run = submit(client, problem, np.zeros(prob.n), **TRAIN)
     _wait_for_step(run, 6)
-    _kill_worker_running(client, shard_key(run.run_id, 0))
+    _kill_worker_running(client, shard_key(_uid(run), 0))
     theta, history = run.wait(timeout=120)
     assert run.status()["shard_restarts"][0] >= 1
     assert np.array_equal(theta, reference[0]) and history == reference[1]
@@ -102,10 +106,10 @@ def test_repeated_deaths_with_progress_do_not_exhaust_allowed_failures(client, p
                                                                        undisturbed):
     run = submit(client, prob, np.zeros(prob.n), n_shards=3, **TRAIN)
     _wait_for_step(run, 4)
-    _kill_worker_running(client, shard_key(run.run_id, 0))
+    _kill_worker_running(client, shard_key(_uid(run), 0))
     seen = _wait_for_step(run, 12)
     assert seen["shard_restarts"][0] >= 1
-    _kill_worker_running(client, shard_key(run.run_id, 0))  # a 2nd death: > allowed-failures
+    _kill_worker_running(client, shard_key(_uid(run), 0))  # a 2nd death: > allowed-failures
     theta, history = run.wait(timeout=120)
     assert run.status()["shard_restarts"][0] >= 2
     assert np.array_equal(theta, undisturbed[0])
@@ -143,14 +147,19 @@ def test_an_erring_shard_task_fails_the_run(client, prob):
 
 # ---- the push protocol, driven by hand (no shard tasks) -----------------------------------
 
-def _create(client, run_id, n=5, n_shards=2, step_timeout=60.0, **options):
+TOKEN = "a-test-token-of-enough-length"
+
+
+def _create(client, run_id, n=5, n_shards=2, step_timeout=60.0, **options) -> str:
+    """Register a run by hand; returns its uid."""
     spec = RunSpec(run_id=run_id, n=n, S=4, n_shards=n_shards,
                    options=TrainOptions(epochs=3, lr=0.1, batch_size=2, weight_decay=0.01,
                                         step_timeout=step_timeout, **options))
     install(client)
     created = _call(client, "diagode_create_run", spec=spec.to_wire(),
-                    theta0=ToPickle(np.arange(n) / n))
-    assert created == {"run_id": run_id, "step": 0, "resumed_from_step": None}
+                    theta0=ToPickle(np.arange(n) / n), token=TOKEN)
+    assert created == {"run_id": run_id, "uid": spec.uid, "step": 0, "resumed_from_step": None}
+    return spec.uid
 
 
 def _wire(**changes) -> dict:
@@ -177,7 +186,9 @@ def _endpoints(client) -> dict[str, int]:
     (_wire(options={"surprise": 1}), np.zeros(5), "unexpected keyword argument 'surprise'"),
     (_wire(n_shards=9), np.zeros(5), "n_shards must be <= S = 4"),
     (_wire(n="5"), np.zeros(5), "n must be an int"),
-    (_wire(checkpoint_dir="relative/dir"), np.zeros(5), "checkpoint_dir must be an absolute"),
+    (_wire(checkpoint_dir=""), np.zeros(5), "checkpoint_dir must be a non-empty path"),
+    (_wire(uid="not-hex"), np.zeros(5), "uid must be 32 lowercase hex digits"),
+    (_wire(resume_override=["seed"]), np.zeros(5), "resume_override may name"),
     (_wire(run_id="bad id!"), np.zeros(5), "run_id must be"),
     ({"run_id": "malformed"}, np.zeros(5), "a run spec needs the keys"),
     ("not a dict", np.zeros(5), "a run spec must be a dict"),
@@ -187,46 +198,60 @@ def _endpoints(client) -> dict[str, int]:
 def test_a_malformed_spec_sent_to_the_handler_is_refused(client, spec, theta0, words):
     install(client)
     before = [run["run_id"] for run in _call(client, "diagode_runs")]
-    reply = _call(client, "diagode_create_run", spec=spec, theta0=ToPickle(theta0))
+    reply = _call(client, "diagode_create_run", spec=spec, theta0=ToPickle(theta0), token=TOKEN)
     assert "invalid run spec" in reply["error"] and words in reply["error"], reply
     after = [run["run_id"] for run in _call(client, "diagode_runs")]
     assert after == before  # nothing registered, not even half
     assert _endpoints(client) == {"/diagode": 200, "/diagode/status.json": 200, "/metrics": 200}
 
 
-def _push(client, run_id, step, shard, loss, grad, count):
-    return _call(client, "diagode_push", run_id=run_id, step=step, shard=shard, loss_sum=loss,
-                 grad_sum=ToPickle(np.asarray(grad, dtype=float)), count=count, timings={})
+def _push(client, uid, step, shard, loss, grad, count, token=TOKEN):
+    return _call(client, "diagode_push", uid=uid, token=token, step=step, shard=shard,
+                 loss_sum=loss, grad_sum=ToPickle(np.asarray(grad, dtype=float)), count=count,
+                 timings={})
 
 
 def test_stale_and_duplicate_pushes_are_ignored(client):
-    _create(client, "by-hand")
+    uid = _create(client, "by-hand")
     theta0 = np.arange(5) / 5
     g0, g1 = np.array([1.0, -2.0, 0.5, 0.0, 3.0]), np.array([0.25, 1.0, -1.0, 2.0, 0.0])
-    assert _push(client, "by-hand", 0, 0, 1.5, g0, 2)["accepted"]
-    assert not _push(client, "by-hand", 0, 0, 9.0, 10 * g0, 2)["accepted"]  # duplicate
-    assert not _push(client, "by-hand", 1, 1, 9.0, g1, 1)["accepted"]  # not this step yet
-    pending = _call(client, "diagode_pull", run_id="by-hand", want=1, timeout=0.2)
+    assert _push(client, uid, 0, 0, 1.5, g0, 2)["accepted"]
+    assert not _push(client, uid, 0, 0, 9.0, 10 * g0, 2)["accepted"]  # duplicate
+    assert not _push(client, uid, 1, 1, 9.0, g1, 1)["accepted"]  # not this step yet
+    pending = _call(client, "diagode_pull", uid=uid, want=1, timeout=0.2)
     assert pending["step"] == 0 and np.array_equal(pending["theta"], theta0)
-    assert _push(client, "by-hand", 0, 1, 0.5, g1, 1)["accepted"]  # completes step 0
+    assert _push(client, uid, 0, 1, 0.5, g1, 1)["accepted"]  # completes step 0
 
     adam = Adam(lr=0.1, weight_decay=0.01)
     expected, _ = adam.step(theta0, (g0 + g1) / 3, adam.init(theta0))
-    pulled = _call(client, "diagode_pull", run_id="by-hand", want=1, timeout=5)
+    pulled = _call(client, "diagode_pull", uid=uid, want=1, timeout=5)
     assert pulled["step"] == 1 and np.array_equal(pulled["theta"], expected)
     status = _call(client, "diagode_status", run_id="by-hand")
     assert status["loss"] == (1.5 + 0.5) / 3 and status["step"] == 1
-    assert not _push(client, "by-hand", 0, 1, 0.5, g1, 1)["accepted"]  # stale: step 0 is done
+    assert not _push(client, uid, 0, 1, 0.5, g1, 1)["accepted"]  # stale: step 0 is done
     assert np.array_equal(_call(client, "diagode_result", run_id="by-hand")["theta"], expected)
-    _call(client, "diagode_cancel", run_id="by-hand")
+    _call(client, "diagode_cancel", run_id="by-hand", token=TOKEN)
+
+
+def test_pushes_and_cancels_without_the_token_are_refused(client):
+    uid = _create(client, "guarded")
+    for token in (None, "", "a-wrong-token-of-enough-length", TOKEN[:-1]):
+        reply = _push(client, uid, 0, 0, 1.0, np.ones(5), 1, token=token)
+        assert not reply["accepted"] and "token" in reply["error"], reply
+        refused = _call(client, "diagode_cancel", run_id="guarded", token=token)
+        assert "wrong or missing token" in refused["refused"], refused
+    status = _call(client, "diagode_status", run_id="guarded")
+    assert status["status"] == "running" and status["step"] == 0
+    assert _push(client, uid, 0, 0, 1.0, np.ones(5), 1)["accepted"]  # the holder still can
+    assert _call(client, "diagode_cancel", run_id="guarded", token=TOKEN)["status"] == "failed"
 
 
 def test_malformed_pushes_are_refused_without_touching_the_run(client):
-    _create(client, "malformed-push")
+    uid = _create(client, "malformed-push")
     g = np.ones(5)
 
     def push(**changes):
-        arguments = {"run_id": "malformed-push", "step": 0, "shard": 0, "loss_sum": 1.0,
+        arguments = {"uid": uid, "token": TOKEN, "step": 0, "shard": 0, "loss_sum": 1.0,
                      "grad_sum": ToPickle(g), "count": 2, "timings": {}, **changes}
         return _call(client, "diagode_push", **arguments)
 
@@ -242,21 +267,21 @@ def test_malformed_pushes_are_refused_without_touching_the_run(client):
     assert status["status"] == "running" and status["step"] == 0
     assert push()["accepted"] and push(shard=1)["accepted"]  # the real pushes still count
     assert _call(client, "diagode_status", run_id="malformed-push")["step"] == 1
-    _call(client, "diagode_cancel", run_id="malformed-push")
+    _call(client, "diagode_cancel", run_id="malformed-push", token=TOKEN)
 
 
 def test_non_finite_push_fails_the_run(client):
-    _create(client, "nan-push")
-    reply = _push(client, "nan-push", 0, 1, 1.0, [0.0, np.nan, 0.0, 0.0, 0.0], 1)
+    uid = _create(client, "nan-push")
+    reply = _push(client, uid, 0, 1, 1.0, [0.0, np.nan, 0.0, 0.0, 0.0], 1)
     assert not reply["accepted"] and reply["status"] == "failed"
     status = _call(client, "diagode_status", run_id="nan-push")
     assert "non-finite" in status["error"] and "shard 1" in status["error"]
 
 
 def test_a_shard_that_never_pushes_times_out(client):
-    _create(client, "silent", step_timeout=0.5)
+    uid = _create(client, "silent", step_timeout=0.5)
     started = time.monotonic()
-    assert _push(client, "silent", 0, 0, 1.0, np.ones(5), 1)["accepted"]
+    assert _push(client, uid, 0, 0, 1.0, np.ones(5), 1)["accepted"]
     status = _call(client, "diagode_wait", run_id="silent", timeout=10)
     assert status["status"] == "failed"
     assert time.monotonic() - started < 2.0

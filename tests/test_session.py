@@ -44,3 +44,12 @@ def test_a_cluster_started_here_is_closed_on_exit():
     assert session.client.status == "closed"
     with pytest.raises(OSError):
         Client(address, timeout=1)
+
+
+def test_a_local_cluster_serves_its_dashboard_on_this_machine_only():
+    with open_client(n_workers=1, gpu=False, processes=False) as session:
+        ports = session.client.run_on_scheduler(
+            lambda dask_scheduler: [sock.getsockname()[0] for server in
+                                    [dask_scheduler.http_server]
+                                    for sock in server._sockets.values()])
+    assert ports and set(ports) == {"127.0.0.1"}

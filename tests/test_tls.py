@@ -49,3 +49,25 @@ def test_training_over_tls_matches_fit(security):
     expected, expected_history = dd.fit(prob, theta0, **options)
     assert np.allclose(theta, expected, rtol=1e-12, atol=0)
     assert np.allclose(history, expected_history, rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow
+def test_the_cli_reaches_a_tls_scheduler_with_its_tls_flags(security, capsys):
+    import time
+
+    from diagode_dist.cli import main
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  protocol="tls://", security=security,
+                                  dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        flags = ["--tls-ca-file", security.tls_ca_file, "--tls-cert", security.tls_client_cert,
+                 "--tls-key", security.tls_client_key]
+        assert main(["status", "no-such-run", "--scheduler", address, *flags]) == 1
+        err = capsys.readouterr().err
+        assert "the scheduler has no run 'no-such-run'" in err  # it got in and asked
+        started = time.monotonic()
+        assert main(["status", "no-such-run", "--scheduler", address]) == 1
+        err = capsys.readouterr().err
+    assert time.monotonic() - started < 5  # at once, not after Dask's connect timeout
+    assert "speaks TLS" in err and "--tls-ca-file" in err and "Traceback" not in err

@@ -18,6 +18,7 @@ _WHERE = {
     "RunHandle": "client", "connect": "session", "open_client": "session", "Session": "session",
     "DaskProblem": "inputs", "RunSpec": "protocol", "RunStatus": "protocol",
     "ParameterServer": "server", "ProblemFiles": "diagode_dist.files",
+    "CheckpointError": "checkpoint",
 }
 
 __all__ = sorted(_WHERE)

@@ -13,28 +13,33 @@ tasks are fire-and-forget, so it keeps going when the submitting client disconne
 client can ``attach(client, run_id)`` to follow it or collect the result. Everything is
 validated before the cluster is asked to do any work. Works with synchronous Clients. What
 crosses the wire is defined in ``protocol.py``.
+
+Identity and trust: each submission gets a fresh ``uid`` (its task keys and the workers'
+caches use it) and a secret ``token`` that only the returned ``RunHandle`` and the run's
+shard tasks hold; the server refuses pushes and cancels without it. ``attach`` without a
+token gives a read-only handle; ``attach(client, run_id, token=run.token)`` can cancel.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import time
-import uuid
 import warnings
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 from distributed import Client, fire_and_forget, span
 from distributed.protocol.serialize import ToPickle
 
-from diagode_dist._array import to_numpy
-from diagode_dist.files import ProblemFiles
+from diagode_dist._array import is_sparse, to_numpy
+from diagode_dist.files import ProblemFiles, array_fingerprint, operator_fingerprint
 from diagode_dist.options import TrainOptions, takes_options, with_options
 from diagode_dist.param import as_operator_param
 from diagode_dist.problem import Problem
+from diagode_dist.service.checkpoint import CheckpointError
 from diagode_dist.service.inputs import DaskProblem
 from diagode_dist.service.plugin import install
 from diagode_dist.service.protocol import (
@@ -42,6 +47,7 @@ from diagode_dist.service.protocol import (
     RunStatus,
     ShardSpec,
     check_run_id,
+    new_uid,
     operator_key,
     shard_key,
     status_from_wire,
@@ -54,11 +60,16 @@ _POLL_S = 0.5
 
 
 class RunHandle:
-    """A training run on the scheduler, addressed by its ``run_id``."""
+    """A training run on the scheduler, addressed by its ``run_id``.
 
-    def __init__(self, client: Client, run_id: str):
+    ``token`` is the run's secret (set on the handle ``submit`` returns, or given to
+    ``attach``); without it the handle can read but not cancel.
+    """
+
+    def __init__(self, client: Client, run_id: str, token: str | None = None):
         self.client = client
         self.run_id = run_id
+        self.token = token
 
     def status(self) -> RunStatus:
         """Current status: run_id, status ("running" | "finished" | "failed"), step, n_steps,
@@ -104,10 +115,16 @@ class RunHandle:
         return self.wait()
 
     def cancel(self, reason: str = "cancelled by a client") -> RunStatus:
-        """Stop the run: it is marked failed with ``reason`` and its shard tasks exit."""
-        status = _call(self.client, "diagode_cancel", run_id=self.run_id, reason=str(reason))
+        """Stop the run: it is marked failed with ``reason`` and its shard tasks exit.
+
+        PermissionError without the run's token (a handle from ``attach`` without ``token``).
+        """
+        status = _call(self.client, "diagode_cancel", run_id=self.run_id, token=self.token,
+                       reason=str(reason))
         if status is None:
             raise ValueError(f"the scheduler has no run {self.run_id!r}")
+        if "refused" in status:
+            raise PermissionError(status["refused"])
         return status_from_wire(status)
 
     def __repr__(self) -> str:
@@ -118,8 +135,10 @@ class RunHandle:
 @takes_options(service=True)
 def submit(client: Client, problem, theta0, param=None, *, options: TrainOptions | None = None,
            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
-           run_id: str | None = None, **kwargs) -> RunHandle:
-    """Start a training run on the cluster; returns at once with its handle.
+           run_id: str | None = None, resume_override: Iterable[str] = (),
+           stall_timeout: float | None = None, **kwargs) -> RunHandle:
+    """Start a training run on the cluster; returns at once with its handle (which holds the
+    run's secret token: only it, and the run's shard tasks, can push or cancel).
 
     Parameters
     ----------
@@ -136,35 +155,50 @@ def submit(client: Client, problem, theta0, param=None, *, options: TrainOptions
         step_timeout) replace its fields. ``n_shards``: column shards, one long-running task
         each (default: one per worker; a DaskProblem's column chunks). The result depends on
         n_shards (summation order), not on the number of workers.
-    checkpoint_dir : directory (on the scheduler's file system) for ``checkpoint.npz``,
-        written atomically every ``checkpoint_every`` steps and at the end; one run per
-        directory
-    resume : continue from ``checkpoint_dir``'s checkpoint (start from theta0 if none yet)
-    run_id : name of the run (default: a random hex id)
+    checkpoint_dir : directory on the scheduler's file system for ``checkpoint.npz``, written
+        atomically every ``checkpoint_every`` steps and at the end; a relative path is
+        resolved by the scheduler, where it is used. One live run per directory (a lock).
+    resume : continue from ``checkpoint_dir``'s checkpoint (start from theta0 if none yet);
+        the checkpoint must have been written for the same problem (content hashes) and the
+        same options that determine theta, else ``CheckpointError`` lists each difference
+    resume_override : options among "lr", "weight_decay", "clamp" that may differ from the
+        checkpoint's on resume (the new values apply from the checkpoint's step on)
+    run_id : name of the run (default: a random hex id). A name is refused while a run with
+        it is running, or has ended and is still held by the scheduler (unless ``resume``)
+    stall_timeout : seconds a shard may go without pushing before its worker is removed and
+        the shard rerun elsewhere (default: 10 median step times, within 30-120 s)
     """
     return _submit("submit", client, problem, theta0, param, options, checkpoint_dir, resume,
-                   run_id, kwargs)
+                   run_id, kwargs, resume_override, stall_timeout)
 
 
 @takes_options(service=True)
 def fit_distributed(client: Client, problem, theta0, param=None, *,
                     options: TrainOptions | None = None,
                     checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
-                    run_id: str | None = None, **kwargs) -> tuple[np.ndarray, list[float]]:
+                    run_id: str | None = None, resume_override: Iterable[str] = (),
+                    stall_timeout: float | None = None,
+                    **kwargs) -> tuple[np.ndarray, list[float]]:
     """Train on the cluster and wait: (theta, history) like ``dd.fit``.
 
     The parameters are ``submit``'s; this is ``submit(...).wait()``.
     """
     return _submit("fit_distributed", client, problem, theta0, param, options, checkpoint_dir,
-                   resume, run_id, kwargs).wait()
+                   resume, run_id, kwargs, resume_override, stall_timeout).wait()
 
 
-def attach(client: Client, run_id: str) -> RunHandle:
-    """Handle of an existing run; ValueError if the scheduler has no such run."""
+def attach(client: Client, run_id: str, token: str | None = None) -> RunHandle:
+    """Handle of an existing run; ValueError if the scheduler has no such run.
+
+    Without ``token`` the handle reads (status, wait, result); with the run's token
+    (``RunHandle.token`` of the submitter) it can also cancel.
+    """
     if not isinstance(run_id, str):
         raise TypeError(f"run_id must be a str, got {type(run_id).__name__}")
+    if token is not None and not isinstance(token, str):
+        raise TypeError(f"token must be a str or None, got {type(token).__name__}")
     install(client)
-    handle = RunHandle(client, run_id)
+    handle = RunHandle(client, run_id, token)
     handle.status()  # raises ValueError if unknown
     return handle
 
@@ -178,7 +212,7 @@ def list_runs(client: Client) -> list[RunStatus]:
 # ---- submission --------------------------------------------------------------------------------
 
 def _submit(caller: str, client, problem, theta0, param, options, checkpoint_dir, resume,
-            run_id, kwargs) -> RunHandle:
+            run_id, kwargs, resume_override=(), stall_timeout=None) -> RunHandle:
     """Check everything (errors in the caller's name), register the run, submit its shards."""
     if param is not None:
         kwargs = {**kwargs, "param": param}
@@ -186,28 +220,79 @@ def _submit(caller: str, client, problem, theta0, param, options, checkpoint_dir
     n, S = _check_problem(problem)
     theta_size = as_operator_param(options.diagonal_map(), "param").theta_size(n)
     theta0 = _check_theta0(theta0, theta_size, n)
-    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-        raise TypeError(f"checkpoint_dir must be a path, got {type(checkpoint_dir).__name__}")
     if not isinstance(client, Client):
         raise TypeError(f"client must be a distributed.Client, got {type(client).__name__}")
+    if isinstance(resume_override, str):
+        resume_override = (resume_override,)
     spec = RunSpec(
-        run_id=check_run_id(run_id) if run_id is not None else uuid.uuid4().hex[:12],
+        run_id=check_run_id(run_id) if run_id is not None else new_uid()[:12],
         n=n, S=S, n_shards=_n_shards(client, problem, options.n_shards, S), options=options,
-        checkpoint_dir=None if checkpoint_dir is None else
-        str(Path(checkpoint_dir).expanduser().absolute()),
-        resume=resume, n_theta=None if theta_size == n else theta_size)
+        checkpoint_dir=_checkpoint_dir(checkpoint_dir), resume=resume,
+        resume_override=tuple(resume_override), stall_timeout=stall_timeout,
+        n_theta=None if theta_size == n else theta_size,
+        fingerprint={"problem": _fingerprint(problem), "param": _param_name(options)})
+    token = secrets.token_urlsafe(24)
     install(client)
-    created = _call(client, "diagode_create_run", spec=spec.to_wire(), theta0=ToPickle(theta0))
+    created = _call(client, "diagode_create_run", spec=spec.to_wire(), theta0=ToPickle(theta0),
+                    token=token)
     if "error" in created:
-        raise ValueError(created["error"])
+        if "path" in created and "problem" in created:
+            raise CheckpointError(created["path"], created["problem"])
+        raise (PermissionError if created.get("locked") else ValueError)(created["error"])
     try:
-        _submit_shards(client, problem, spec)
+        _submit_shards(client, problem, spec, token)
     except BaseException:
         with contextlib.suppress(Exception):
-            _call(client, "diagode_cancel", run_id=spec.run_id,
+            _call(client, "diagode_cancel", run_id=spec.run_id, token=token,
                   reason="submitting shard tasks failed")
         raise
-    return RunHandle(client, spec.run_id)
+    return RunHandle(client, spec.run_id, token)
+
+
+def _checkpoint_dir(value) -> str | None:
+    """The folder as given (str): resolved by the scheduler, which uses it."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a path, got {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"checkpoint_dir must be a non-empty path (an empty one would mean "
+                         f"the scheduler's working directory), got {value!r}")
+    return text
+
+
+def _param_name(options: TrainOptions) -> str:
+    param = options.param
+    return param if isinstance(param, str) else f"{type(param).__module__}." \
+                                                f"{type(param).__qualname__}"
+
+
+def _fingerprint(problem) -> dict:
+    """Shapes and content hashes of the problem's arrays (what a checkpoint belongs to)."""
+    if isinstance(problem, ProblemFiles):
+        return {"kind": "files", **problem.preflight(), "T": problem.T, "beta": problem.beta}
+    if isinstance(problem, DaskProblem):  # graph tokens: the data stay on the workers
+        from dask.base import tokenize
+
+        arrays = {name: getattr(problem, name) for name in ("F", "labels", "x0", "targets")}
+        return {"kind": "dask", "A0": operator_fingerprint(_host(problem.template.A0)),
+                **{name: {"shape": list(array.shape), "dask_token": tokenize(array)}
+                   for name, array in arrays.items() if array is not None},
+                "T": problem.T, "beta": problem.beta}
+    host = problem.to_device(np)
+    loss = host.loss
+    arrays = {"F": host.F, "x0": host.x0, "labels": getattr(loss, "labels", None),
+              "targets": getattr(loss, "targets", None)}
+    return {"kind": "memory", "A0": operator_fingerprint(host.A0),
+            **{name: array_fingerprint(np.asarray(array), name)
+               for name, array in arrays.items() if array is not None},
+            "loss": type(loss).__name__, "obs_times": list(loss.obs_times),
+            "T": host.T, "beta": host.beta}
+
+
+def _host(A0):
+    return A0 if is_sparse(A0) else np.asarray(A0)
 
 
 def _call(client: Client, op: str, **kwargs):
@@ -215,13 +300,13 @@ def _call(client: Client, op: str, **kwargs):
     return client.sync(getattr(client.scheduler, op), **kwargs)
 
 
-def _submit_shards(client: Client, problem, spec: RunSpec) -> None:
+def _submit_shards(client: Client, problem, spec: RunSpec, token: str) -> None:
     """One fire-and-forget task per shard.
 
     A DaskProblem's shards run where their chunks are held; the others are spread over the
     workers round robin (loosely: they may move).
     """
-    run_id, n_shards = spec.run_id, spec.n_shards
+    run_id, uid, n_shards = spec.run_id, spec.uid, spec.n_shards
     workers = sorted(client.scheduler_info()["workers"])
     operator, blocks = None, [None] * n_shards
     with span(f"diagode-run-{run_id}"), warnings.catch_warnings():
@@ -230,15 +315,15 @@ def _submit_shards(client: Client, problem, spec: RunSpec) -> None:
         if isinstance(problem, DaskProblem):
             ranges = problem.shard_ranges()
             blocks = problem.persist(client)
-            operator = client.submit(_same, problem.template.A0, key=operator_key(run_id),
+            operator = client.submit(_same, problem.template.A0, key=operator_key(uid),
                                      pure=False)
         else:
             ranges = shard_columns(spec.S, n_shards)
         if isinstance(problem, Problem):
             problem = problem.to_device(np)  # host copy once (a no-op for NumPy problems)
-            operator = client.submit(_same, problem.A0, key=operator_key(run_id), pure=False)
+            operator = client.submit(_same, problem.A0, key=operator_key(uid), pure=False)
         for shard, (lo, hi) in enumerate(ranges):
-            shard_spec = ShardSpec(run=spec, shard=shard, lo=lo, hi=hi)
+            shard_spec = ShardSpec(run=spec, shard=shard, lo=lo, hi=hi, token=token)
             if isinstance(problem, Problem):
                 data = detach_operator(problem.select(np.arange(lo, hi)))
             elif isinstance(problem, DaskProblem):
@@ -249,7 +334,7 @@ def _submit_shards(client: Client, problem, spec: RunSpec) -> None:
             if workers and not isinstance(problem, DaskProblem):
                 place = {"workers": [workers[shard % len(workers)]], "allow_other_workers": True}
             future = client.submit(shard_loop, shard_spec, data, operator, blocks[shard],
-                                   key=shard_key(run_id, shard), pure=False, **place)
+                                   key=shard_key(uid, shard), pure=False, **place)
             fire_and_forget(future)
 
 
@@ -262,7 +347,7 @@ def _same(value):
 
 def _check_problem(problem) -> tuple[int, int]:
     if isinstance(problem, ProblemFiles):
-        problem.validate()
+        problem.preflight()  # every value read once, on the client, before any work
         return problem.n, problem.S
     if isinstance(problem, (Problem, DaskProblem)):
         return problem.n, problem.S

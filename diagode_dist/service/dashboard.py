@@ -11,17 +11,22 @@ web server (the dashboard port) serves:
 - ``/metrics`` (Dask's own route) gains the ``diagode_*`` gauges of ``metrics.py``.
 
 Everything is GET only: any other method is answered 405, and the handlers only read the
-parameter server's public status.
+parameter server's public status. Both pages leave out what tells an outsider about the
+machines: the checkpoint shows as its folder's name, not its absolute path, and the shards'
+worker addresses are dropped, unless the operator opts in with the Dask config
+``diagode.service.expose-paths: true`` (``DASK_DIAGODE__SERVICE__EXPOSE_PATHS=True``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import weakref
 
+import dask
 from distributed.http.utils import RequestHandler
 
 from diagode_dist._io import plain
@@ -76,10 +81,29 @@ class _ReadOnlyHandler(RequestHandler):
                         "base-uri 'none'; form-action 'none'; frame-ancestors 'self'")
 
 
+def public_statuses(server) -> list:
+    """The runs' statuses as the web pages show them (see the module docstring)."""
+    statuses = server.statuses() if server is not None else []
+    if dask.config.get("diagode.service.expose-paths", False):
+        return statuses
+    return [without_locations(status) for status in statuses]
+
+
+def without_locations(status: dict) -> dict:
+    """``status`` without the checkpoint's absolute path and the shards' worker addresses."""
+    checkpoint = status.get("checkpoint")
+    if checkpoint:
+        folder, name = os.path.split(checkpoint)
+        checkpoint = f".../{os.path.basename(folder)}/{name}"
+    timings = [{key: value for key, value in timing.items() if key != "worker"}
+               for timing in status.get("shard_timings") or []]
+    return {**status, "checkpoint": checkpoint, "shard_timings": timings}
+
+
 class TrainingPageHandler(_ReadOnlyHandler):
     def get(self) -> None:
         server = get_server(self.server)
-        statuses = server.statuses() if server is not None else []
+        statuses = public_statuses(server)
         traces = {s["run_id"]: server.loss_trace(s["run_id"]) for s in statuses}
         refresh = _refresh_seconds(self.get_query_argument("refresh", None))
         self.set_header("Content-Type", "text/html; charset=UTF-8")
@@ -91,7 +115,7 @@ class TrainingPageHandler(_ReadOnlyHandler):
 class StatusJSONHandler(_ReadOnlyHandler):
     def get(self) -> None:
         server = get_server(self.server)
-        statuses = server.statuses() if server is not None else []
+        statuses = public_statuses(server)
         body = {"time": time.time(), "parameter_server": server is not None,
                 "runs": plain(statuses, finite=True)}
         self.set_header("Content-Type", "application/json")

@@ -69,7 +69,7 @@ def _run_card(status: RunStatus, trace: Sequence[tuple[int, float]]) -> str:
         ("status", "status", state, _e(state)),
         ("step", "step", step, f"{step:,} / {n_steps:,}"),
         ("epoch", "epoch", status.get("epoch"),
-         f"{status.get('epoch', 0):,} / {status.get('epochs', 0):,}"),
+         _e(f"{status.get('epoch', 0):,} / {status.get('epochs', 0):,}")),
         ("loss (last step)", "loss", status.get("loss"), _num(status.get("loss"))),
         ("loss (last epoch)", "epoch_loss", history[-1] if history else None,
          _num(history[-1] if history else None)),
@@ -82,12 +82,12 @@ def _run_card(status: RunStatus, trace: Sequence[tuple[int, float]]) -> str:
          _duration(status.get("eta_s")) if state == "running" else "—"),
         ("elapsed", "elapsed_s", status.get("elapsed_s"), _duration(status.get("elapsed_s"))),
         ("problem", "n", status.get("n"),
-         f"n = {status.get('n')}, S = {status.get('S')}, batch {status.get('batch_size')}, "
-         f"{status.get('n_shards')} shard(s)"),
+         _e(f"n = {status.get('n')}, S = {status.get('S')}, batch {status.get('batch_size')}, "
+            f"{status.get('n_shards')} shard(s)")),
     ]
     if status.get("checkpoint"):
         facts.append(("checkpoint", "checkpoint_step", status.get("checkpoint_step"),
-                      f"step {status.get('checkpoint_step')} · {_e(status['checkpoint'])}"))
+                      _e(f"step {status.get('checkpoint_step')} · {status['checkpoint']}")))
     rows = "\n".join(
         f'<tr><th>{label}</th><td data-field="{field}" data-value="{_e(_value(value))}">'
         f"{text}</td></tr>" for label, field, value, text in facts)

@@ -7,7 +7,8 @@
 - ``ShardSpec``: a run's spec as one shard task gets it (with its columns).
 - ``RunStatus``: the status dict of a run, as ``RunHandle.status()``, ``/diagode/status.json``,
   the ``/metrics`` gauges, the training page and ``diagode-dist status`` see it.
-- Task keys and plugin names.
+- Task keys and plugin names. Keys carry the run's ``uid`` (fresh per submission), never the
+  user's ``run_id`` label: a reused label can never meet an old run's tasks or worker caches.
 
 Nothing here imports Dask.
 """
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import re
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 import numpy as np
@@ -31,17 +32,27 @@ SHARD_PREFIX = "diagode-shard"
 OPERATOR_PREFIX = "diagode-operator"
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_WIRE_KEYS = ("run_id", "n", "S", "n_shards", "checkpoint_dir", "resume", "options", "n_theta")
+_UID = re.compile(r"^[0-9a-f]{32}$")
+_WIRE_KEYS = ("run_id", "uid", "n", "S", "n_shards", "checkpoint_dir", "resume",
+              "resume_override", "fingerprint", "stall_timeout", "options", "n_theta")
+# Options whose change a resume may accept when asked to (resume_override): they steer Adam
+# from here on but do not change what the checkpoint's state means.
+OVERRIDABLE = ("lr", "weight_decay", "clamp")
 
 
-def shard_key(run_id: str, shard: int) -> tuple[str, str, int]:
+def new_uid() -> str:
+    """A fresh submission identity (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def shard_key(uid: str, shard: int) -> tuple[str, str, int]:
     """Dask key of a shard's loop task; the task stream shows the prefix ``diagode-shard``."""
-    return (SHARD_PREFIX, run_id, int(shard))
+    return (SHARD_PREFIX, uid, int(shard))
 
 
-def operator_key(run_id: str) -> tuple[str, str]:
+def operator_key(uid: str) -> tuple[str, str]:
     """Dask key of the in-memory A0 of a run (shared by the shards of one worker)."""
-    return (OPERATOR_PREFIX, run_id)
+    return (OPERATOR_PREFIX, uid)
 
 
 def check_run_id(run_id: Any) -> str:
@@ -64,8 +75,14 @@ def _count(name: str, value: Any, minimum: int = 1) -> int:
 class RunSpec:
     """A training run as the parameter server holds it.
 
-    n, S: state size and columns; n_shards: 1 <= n_shards <= S; checkpoint_dir: absolute path
-    on the scheduler's file system, or None; resume: continue from its checkpoint; n_theta:
+    run_id: the user's label; uid: this submission's identity (keys, caches, checkpoint lock).
+    n, S: state size and columns; n_shards: 1 <= n_shards <= S; checkpoint_dir: a path on the
+    scheduler's file system (a relative one is resolved there, where it is used), or None;
+    resume: continue from its checkpoint; resume_override: options in ``OVERRIDABLE`` that may
+    differ from the checkpoint's; fingerprint: what the checkpoint records about the problem
+    and the diagonal map (``{"problem": {...}, "param": name}``, plain values), compared on
+    resume; stall_timeout: seconds a shard may go without pushing before its worker is
+    replaced (None: from the run's median step time, see the server); n_theta:
     length of theta when it is not n (an operator parametrisation with a pattern).
     """
 
@@ -76,10 +93,16 @@ class RunSpec:
     options: TrainOptions
     checkpoint_dir: str | None = None
     resume: bool = False
+    resume_override: tuple[str, ...] = ()
+    fingerprint: dict[str, Any] | None = None
+    stall_timeout: float | None = None
+    uid: str = field(default_factory=new_uid)
     n_theta: int | None = None
 
     def __post_init__(self) -> None:
         check_run_id(self.run_id)
+        if not isinstance(self.uid, str) or not _UID.match(self.uid):
+            raise ValueError(f"uid must be 32 lowercase hex digits, got {self.uid!r}")
         _count("n", self.n)
         if self.n_theta is not None:
             _count("n_theta", self.n_theta)
@@ -92,14 +115,28 @@ class RunSpec:
             raise TypeError(f"options must be a TrainOptions, got "
                             f"{type(self.options).__name__}")
         if self.checkpoint_dir is not None and (
-                not isinstance(self.checkpoint_dir, str)
-                or not os.path.isabs(self.checkpoint_dir)):
-            raise ValueError(f"checkpoint_dir must be an absolute path (str) or None, got "
+                not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir.strip()):
+            raise ValueError(f"checkpoint_dir must be a non-empty path (str) or None, got "
                              f"{self.checkpoint_dir!r}")
         if not isinstance(self.resume, bool):
             raise TypeError(f"resume must be a bool, got {type(self.resume).__name__}")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
+        override = tuple(self.resume_override)
+        unknown = [name for name in override if name not in OVERRIDABLE]
+        if unknown:
+            raise ValueError(f"resume_override may name {', '.join(OVERRIDABLE)}, got "
+                             f"{unknown}")
+        object.__setattr__(self, "resume_override", override)
+        if self.stall_timeout is not None:
+            if isinstance(self.stall_timeout, bool) or not isinstance(
+                    self.stall_timeout, numbers.Real) or not 0 < self.stall_timeout < math.inf:
+                raise ValueError(f"stall_timeout must be a number of seconds > 0 or None, got "
+                                 f"{self.stall_timeout!r}")
+            object.__setattr__(self, "stall_timeout", float(self.stall_timeout))
+        if self.fingerprint is not None and not isinstance(self.fingerprint, dict):
+            raise TypeError(f"fingerprint must be a dict or None, got "
+                            f"{type(self.fingerprint).__name__}")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -116,8 +153,10 @@ class RunSpec:
 
     def to_wire(self) -> dict[str, Any]:
         """Plain values (msgpack): what the client sends to ``diagode_create_run``."""
-        return {"run_id": self.run_id, "n": self.n, "S": self.S, "n_shards": self.n_shards,
-                "checkpoint_dir": self.checkpoint_dir, "resume": self.resume,
+        return {"run_id": self.run_id, "uid": self.uid, "n": self.n, "S": self.S,
+                "n_shards": self.n_shards, "checkpoint_dir": self.checkpoint_dir,
+                "resume": self.resume, "resume_override": list(self.resume_override),
+                "fingerprint": self.fingerprint, "stall_timeout": self.stall_timeout,
                 "options": self.options.to_wire(), "n_theta": self.n_theta}
 
     @classmethod
@@ -130,22 +169,32 @@ class RunSpec:
             missing, unknown = sorted(set(_WIRE_KEYS) - keys), sorted(keys - set(_WIRE_KEYS))
             raise ValueError(f"a run spec needs the keys {', '.join(_WIRE_KEYS)} (missing: "
                              f"{missing or 'none'}, unknown: {unknown or 'none'})")
-        return cls(**{**data, "options": TrainOptions.from_wire(data["options"])})
+        override = data["resume_override"]
+        if not isinstance(override, (list, tuple)):
+            raise TypeError(f"resume_override must be a list, got {type(override).__name__}")
+        return cls(**{**data, "options": TrainOptions.from_wire(data["options"]),
+                      "resume_override": tuple(override)})
 
 
 @dataclass(frozen=True)
 class ShardSpec:
     """What one shard task needs besides its data: its run (options with the diagonal map
-    object as ``param``) and its global columns ``[lo, hi)``."""
+    object as ``param``), its global columns ``[lo, hi)`` and the run's secret ``token``, without
+    which the server refuses its pushes."""
 
     run: RunSpec
     shard: int
     lo: int
     hi: int
+    token: str = field(default="", repr=False)
 
     @property
     def run_id(self) -> str:
         return self.run.run_id
+
+    @property
+    def uid(self) -> str:
+        return self.run.uid
 
     @property
     def S(self) -> int:
@@ -171,6 +220,12 @@ class ShardTiming(TypedDict, total=False):
     worker: str
     error_estimate: float
     rtol_met: bool
+
+
+# The type of each ShardTiming entry: the server keeps only these (pages and gauges show them).
+SHARD_TIMING_TYPES: dict[str, type] = {
+    "compute_s": float, "pull_s": float, "load_s": float, "columns": int, "backend": str,
+    "worker": str, "error_estimate": float, "rtol_met": bool}
 
 
 class RunStatus(TypedDict):
@@ -200,6 +255,7 @@ class RunStatus(TypedDict):
     started: float  # time.time() when the run was created
     elapsed_s: float
     eta_s: float | None
+    uid: str  # this submission's identity
     checkpoint: str | None  # checkpoint file on the scheduler, or None
     checkpoint_step: int | None
     resumed_from_step: int | None

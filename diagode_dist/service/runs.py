@@ -13,8 +13,13 @@ from typing import Any
 import numpy as np
 
 from diagode_dist.optim import Adam
-from diagode_dist.service.checkpoint import load_checkpoint
-from diagode_dist.service.protocol import RunSpec, RunStatus
+from diagode_dist.service.checkpoint import (
+    DETERMINING,
+    CheckpointError,
+    load_checkpoint,
+    mismatches,
+)
+from diagode_dist.service.protocol import OVERRIDABLE, RunSpec, RunStatus
 
 logger = logging.getLogger("diagode_dist.service.server")
 
@@ -29,7 +34,8 @@ class Run:
     spec: RunSpec
     adam: Adam
     theta: np.ndarray
-    opt_state: dict[str, Any]
+    opt_state: dict[str, Any] | None  # None once the run has ended (its checkpoint has it)
+    token: str = field(default="", repr=False)  # the run's secret: pushes and cancels need it
     step: int = 0
     history: list[float] = field(default_factory=list)
     epoch_loss_sum: float = 0.0
@@ -47,6 +53,8 @@ class Run:
     step_done_times: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=_RATE_WINDOW + 1))
     last_step_s: float | None = None
+    step_seconds: collections.deque = field(  # recent step durations, for the stall timeout
+        default_factory=lambda: collections.deque(maxlen=_RATE_WINDOW))
     loss_trace: collections.deque = field(  # (steps done, mean loss of that step)
         default_factory=lambda: collections.deque(maxlen=_TRACE_STEPS))
     timed_steps: int = 0  # steps after the first (which includes start-up), for the means
@@ -55,12 +63,19 @@ class Run:
     resumed_from_step: int | None = None
     checkpoint_step: int | None = None
     checkpoint_path: str | None = None
+    lock: dict[str, Any] | None = None  # the checkpoint folder's lock record while running
+    waiting_since: dict[int, float] = field(default_factory=dict)  # shard -> rerun started
+    stalls: int = 0  # workers removed because a shard of this run stalled on them
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     ended_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def run_id(self) -> str:
         return self.spec.run_id
+
+    @property
+    def uid(self) -> str:
+        return self.spec.uid
 
     @property
     def n_shards(self) -> int:
@@ -75,11 +90,16 @@ class Run:
         return self.spec.n_steps
 
     @classmethod
-    def create(cls, spec: RunSpec, theta0: np.ndarray, path: str | None) -> Run:
-        """A new run at step 0, or resumed from the checkpoint at ``path``."""
+    def create(cls, spec: RunSpec, theta0: np.ndarray, path: str | None,
+               token: str = "") -> Run:
+        """A new run at step 0, or resumed from the checkpoint at ``path``.
+
+        CheckpointError (naming the file) if that checkpoint is unusable or was written for
+        another problem or other options.
+        """
         options = spec.options
         adam = Adam(lr=options.lr, weight_decay=options.weight_decay, clamp=options.clamp)
-        run = cls(spec=spec, adam=adam, theta=theta0, opt_state=adam.init(theta0),
+        run = cls(spec=spec, adam=adam, theta=theta0, opt_state=adam.init(theta0), token=token,
                    shard_timings=[{} for _ in range(spec.n_shards)],
                    shard_restarts=[0] * spec.n_shards, checkpoint_path=path)
         if spec.resume and path is not None:
@@ -119,38 +139,50 @@ class Run:
         self.last_step_s = now - self.step_started
         self.step_started = now
         if self.step > 1 and self.resumed_from_step != self.step - 1:
+            self.step_seconds.append(self.last_step_s)
             self.timed_steps += 1
             self.timed_wall_s += self.last_step_s
             self.timed_compute_s += max(t.get("compute_s", 0.0) for t in self.shard_timings)
         self.step_done_times.append(now)
 
+    def identity(self) -> dict[str, Any]:
+        """What determines theta (JSON-plain): recorded in checkpoints, compared on resume."""
+        spec, wire = self.spec, self.spec.options.to_wire()
+        fingerprint = spec.fingerprint or {}
+        return {"n": spec.n, "S": spec.S, "n_shards": spec.n_shards,
+                "steps_per_epoch": spec.steps_per_epoch,
+                **{name: wire[name] for name in DETERMINING},
+                "param": fingerprint.get("param"), "problem": fingerprint.get("problem")}
+
     def checkpoint_meta(self) -> dict[str, Any]:
         """What a checkpoint records besides theta and the Adam state (JSON-plain)."""
-        spec, options = self.spec, self.spec.options
-        return {"run_id": spec.run_id, "n": spec.n, "S": spec.S, "n_shards": spec.n_shards,
-                "batch_size": options.batch_size, "seed": options.seed,
-                "epochs": options.epochs, "steps_per_epoch": spec.steps_per_epoch,
-                "lr": options.lr, "weight_decay": options.weight_decay,
-                "clamp": list(options.clamp) if options.clamp is not None else None,
+        spec = self.spec
+        return {"run_id": spec.run_id, "uid": spec.uid, **self.identity(),
+                "epochs": spec.options.epochs,
                 "step": self.step, "epoch": self.step // self.steps_per_epoch,
                 "history": list(self.history), "epoch_loss_sum": self.epoch_loss_sum,
                 "last_loss": self.last_loss, "written": time.time()}
 
     def restore(self, path: str) -> None:
-        """Continue from the checkpoint at ``path``; ValueError if it belongs elsewhere."""
+        """Continue from the checkpoint at ``path``; CheckpointError listing every way it was
+        written for another problem or other options (except the ``resume_override`` ones)."""
         theta, state, meta = load_checkpoint(path)
         spec = self.spec
-        mine = {"n": spec.n, "S": spec.S, "batch_size": spec.options.batch_size,
-                "seed": spec.options.seed, "theta length": spec.theta_size}
-        meta = {**meta, "theta length": int(np.asarray(theta).size)}
-        for name, value in mine.items():
-            if meta[name] != value:
-                raise ValueError(f"resume: checkpoint {path} has {name}={meta[name]}, this run "
-                                 f"has {name}={value}")
-        if meta["steps_per_epoch"] != self.steps_per_epoch or meta["step"] > self.n_steps:
-            raise ValueError(f"resume: checkpoint {path} is at step {meta['step']}, beyond this "
-                             f"run's {self.n_steps} steps (epochs={spec.options.epochs})")
-        self.theta, self.opt_state = theta, state
+        expected = {name: value for name, value in self.identity().items()
+                    if name not in spec.resume_override}
+        different = mismatches(meta, expected)
+        if different:
+            hint = (f" (resume_override may accept changes of {', '.join(OVERRIDABLE)})"
+                    if any(d.split(":")[0] in OVERRIDABLE for d in different) else "")
+            raise CheckpointError(path, "written for another problem or other options: "
+                                        + "; ".join(different) + hint)
+        if theta.shape != self.theta.shape:
+            raise CheckpointError(path, f"theta has shape {theta.shape}, this run's theta0 "
+                                        f"{self.theta.shape}")
+        if meta["step"] > self.n_steps:
+            raise CheckpointError(path, f"it is at step {meta['step']}, beyond this run's "
+                                        f"{self.n_steps} steps (epochs={spec.options.epochs})")
+        self.theta, self.opt_state = np.array(theta, dtype=np.float64), state
         self.step = self.resumed_from_step = self.checkpoint_step = int(meta["step"])
         self.history = [float(h) for h in meta["history"]]
         self.epoch_loss_sum = float(meta["epoch_loss_sum"])
@@ -167,6 +199,7 @@ def status_of(run: Run) -> RunStatus:
     end = run.ended if run.ended is not None else time.time()
     return {
         "run_id": run.run_id,
+        "uid": run.uid,
         "status": run.status,
         "step": run.step,
         "n_steps": run.n_steps,
@@ -195,6 +228,20 @@ def status_of(run: Run) -> RunStatus:
         "checkpoint_step": run.checkpoint_step,
         "resumed_from_step": run.resumed_from_step,
     }
+
+
+def ended_beyond(runs, budget: int) -> list[Run]:
+    """The ended runs to forget: the oldest ones, once the newer ones fill ``budget`` bytes
+    (theta, per-step losses and history, roughly)."""
+    ended = sorted((r for r in runs if r.status != "running"), key=lambda r: r.ended or 0.0,
+                   reverse=True)
+    per_entry = 64  # a (step, loss) tuple or a float in a list, with its object overhead
+    used, dropped = 0, []
+    for run in ended:  # newest first: kept while the budget lasts
+        used += int(run.theta.nbytes) + per_entry * (len(run.loss_trace) + len(run.history))
+        if used > budget:
+            dropped.append(run)
+    return dropped
 
 
 def checked_theta0(theta0: Any, n: int) -> np.ndarray:

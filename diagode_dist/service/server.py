@@ -6,22 +6,27 @@ installs it (from a client, which ``submit`` does, or as a scheduler preload).
 
 Protocol (all handlers run on the scheduler's event loop, so no locks are needed):
 
-- ``diagode_create_run(spec, theta0)``: a new run (or one resumed from its checkpoint);
-  ``spec`` is ``RunSpec.to_wire()`` (see ``protocol.py``), checked again here.
-- ``diagode_pull(run_id, want, timeout)``: waits (without blocking the loop) until the run's
+- ``diagode_create_run(spec, theta0, token)``: a new run (or one resumed from its
+  checkpoint); ``spec`` is ``RunSpec.to_wire()`` (see ``protocol.py``), checked again here;
+  ``token`` is the run's secret, which only the submitter and the shard tasks hold.
+- ``diagode_pull(uid, want, timeout)``: waits (without blocking the loop) until the run's
   step is >= ``want`` or the run has ended; replies with the current step and theta.
-- ``diagode_push(run_id, step, shard, loss_sum, grad_sum, count, timings)``: one shard's sums
-  for one step. Pushes for another step or a shard already in are ignored, so a rerun task
-  can never count twice. The last push of a step sums the shards in shard order, divides by
-  the total count, takes one (pure) Adam step and releases the new theta to waiting shards.
-- ``diagode_status``, ``diagode_wait``, ``diagode_result``, ``diagode_cancel``, ``diagode_runs``.
+- ``diagode_push(uid, token, step, shard, loss_sum, grad_sum, count, timings)``: one shard's
+  sums for one step; refused without the run's token. Pushes for another step or a shard
+  already in are ignored, so a rerun task can never count twice. The last push of a step sums
+  the shards in shard order, divides by the total count, takes one (pure) Adam step and
+  releases the new theta to waiting shards.
+- ``diagode_cancel(run_id, token, reason)``: refused without the run's token.
+- ``diagode_status``, ``diagode_wait``, ``diagode_result``, ``diagode_runs``: read-only, by
+  ``run_id``.
 
-Failure handling: a step that takes longer than the run's ``step_timeout`` fails the run; a
-shard task that errs (including Dask's ``KilledWorker``) fails the run through the plugin's
-``transition`` hook; a worker death while the run keeps making progress does not use up
-Dask's ``allowed-failures`` budget (see ``_forgive_worker_death``); ``Client.restart`` fails
-running runs (their tasks are gone). theta is never modified in place: replies being sent may
-still reference the old array.
+Identity and admission (labels, checkpoint folders, tokens): ``admission.py``. Step
+timeouts, stalled workers and lock heartbeats: ``watchdog.py``. A shard task that errs
+(including Dask's ``KilledWorker``) fails the run through the ``transition`` hook; a
+worker death while the run progresses does not use up ``allowed-failures`` (``watchdog``);
+``Client.restart`` fails running runs. theta is never modified in place: replies being sent
+may still reference the old array. Ended runs are kept within a memory budget (config
+``diagode.service.ended-runs-memory``), without their Adam state.
 """
 
 from __future__ import annotations
@@ -30,15 +35,23 @@ import asyncio
 import logging
 import math
 import os
-import pickle
 import time
+import uuid
 from typing import Any
 
+import dask
 import numpy as np
+from dask.utils import parse_bytes
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.serialize import ToPickle
 
-from diagode_dist.service.checkpoint import checkpoint_path, save_checkpoint
+from diagode_dist.service.admission import claim_folder, known_timings, label_refusal, same_secret
+from diagode_dist.service.checkpoint import (
+    CheckpointError,
+    lock_record,
+    release_lock,
+    save_checkpoint,
+)
 from diagode_dist.service.protocol import (
     OPERATOR_PREFIX,
     SERVER_PLUGIN,
@@ -47,12 +60,13 @@ from diagode_dist.service.protocol import (
     RunStatus,
     push_problem,
 )
-from diagode_dist.service.runs import Run, checked_theta0, status_of
+from diagode_dist.service.runs import Run, checked_theta0, ended_beyond, status_of
+from diagode_dist.service.watchdog import exception_text, forgive_worker_death, watch
 
 logger = logging.getLogger(__name__)
 
-_KEEP_ENDED_RUNS = 100  # ended runs kept for status/result; older ones are dropped
-_WATCHDOG_PERIOD_S = 0.1
+_ENDED_RUNS_MEMORY = "256MiB"  # default of config diagode.service.ended-runs-memory
+_MIN_TOKEN = 16
 _RESTARTED = ("the cluster was restarted (Client.restart) and its shard tasks were cancelled; "
               "submit again with resume=True to continue from the last checkpoint")
 
@@ -70,9 +84,12 @@ class ParameterServer(SchedulerPlugin):
 
     def __init__(self) -> None:
         self.scheduler = None
-        self.runs: dict[str, Run] = {}
+        self.runs: dict[str, Run] = {}  # run_id (label) -> its latest submission
+        self.by_uid: dict[str, Run] = {}  # uid -> run, for the shards' calls
+        self.server_id = uuid.uuid4().hex  # names this server in checkpoint locks
         self._watchdog: asyncio.Task | None = None
-        self._writes: dict[str, asyncio.Task] = {}  # checkpoint path -> last write
+        self.last_heartbeat = 0.0  # of the checkpoint locks (watchdog)
+        self.writes: dict[str, asyncio.Task] = {}  # checkpoint path -> last write
         self._background: set[asyncio.Task] = set()
 
     # ---- plugin hooks ----------------------------------------------------------------------
@@ -89,22 +106,22 @@ class ParameterServer(SchedulerPlugin):
             "diagode_cancel": self.cancel,
             "diagode_runs": self.list_runs,
         })
-        self._watchdog = asyncio.create_task(self._watch_step_timeouts())
+        self._watchdog = asyncio.create_task(watch(self))
 
     async def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        for run in self.runs.values():
+        for run in list(self.by_uid.values()):
             if run.status == "running":
-                self._fail(run, "the scheduler closed")
-        pending = [task for task in self._writes.values() if not task.done()]
+                self.fail(run, "the scheduler closed")
+        pending = [task for task in self._background if not task.done()]
         if pending:
             await asyncio.wait(pending, timeout=30)
 
     def restart(self, scheduler) -> None:
-        for run in list(self.runs.values()):
+        for run in list(self.by_uid.values()):
             if run.status == "running":
-                self._fail(run, _RESTARTED)
+                self.fail(run, _RESTARTED)
 
     def transition(self, key, start, finish, *args, stimulus_id=None, **kwargs) -> None:
         """Fail a run whose shard task errs or is dropped; forgive worker deaths with progress."""
@@ -113,64 +130,65 @@ class ParameterServer(SchedulerPlugin):
             return
         what = f"shard {shard} task" if shard is not None else "A0 (operator) task"
         if finish == "erred":
-            self._fail(run, f"{what} {key!r} failed: {self._exception_text(key, kwargs)}")
+            self.fail(run, f"{what} {key!r} failed: {exception_text(self.scheduler, key, kwargs)}")
         elif finish == "forgotten" and "restart" in (stimulus_id or ""):
-            self._fail(run, _RESTARTED)  # Client.restart forgets every task
+            self.fail(run, _RESTARTED)  # Client.restart forgets every task
         elif finish == "forgotten":
-            self._fail(run, f"{what} {key!r} was released before the run ended (cancelled?)")
+            self.fail(run, f"{what} {key!r} was released before the run ended (cancelled?)")
         elif start == "processing" and finish == "released" and shard is not None:
-            self._forgive_worker_death(run, shard, key)
+            forgive_worker_death(self.scheduler, run, shard, key)
 
     # ---- handlers --------------------------------------------------------------------------
 
-    async def create_run(self, spec: Any = None, theta0: Any = None) -> dict:
-        """Register a run. Returns {"run_id", "step", "resumed_from_step"} or {"error": ...}.
+    async def create_run(self, spec: Any = None, theta0: Any = None, token: Any = None) -> dict:
+        """Register a run. Returns {"run_id", "uid", "step", "resumed_from_step"} or
+        {"error": ...} (with "path" when a checkpoint is to blame).
 
-        ``spec`` is ``RunSpec.to_wire()``; a malformed spec or theta0 is refused here, before
-        anything is registered.
+        ``spec`` is ``RunSpec.to_wire()``; a malformed spec, theta0 or token is refused here,
+        before anything is registered.
         """
         try:
             run_spec = RunSpec.from_wire(spec)
             theta0 = checked_theta0(theta0, run_spec.theta_size)
+            if not isinstance(token, str) or len(token) < _MIN_TOKEN:
+                raise ValueError(f"token must be a str of >= {_MIN_TOKEN} characters")
         except (TypeError, ValueError) as err:
             return {"error": f"invalid run spec: {err}"}
-        run_id = run_spec.run_id
-        if run_id in self.runs and self.runs[run_id].status == "running":
-            return {"error": f"run_id {run_id!r} is already running on this scheduler"}
-        path, folder = None, run_spec.checkpoint_dir
-        if folder is not None:
-            path = str(checkpoint_path(folder))
-            busy = [r.run_id for r in self.runs.values()
-                    if r.status == "running" and r.checkpoint_path == path]
-            if busy:
-                return {"error": f"checkpoint_dir {folder} is in use by running run {busy[0]!r}"}
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as err:
-                return {"error": f"checkpoint_dir: cannot create {folder} on the scheduler: "
-                                 f"{err}"}
-            if not os.access(folder, os.W_OK):
-                return {"error": f"checkpoint_dir {folder} is not writable by the scheduler"}
-            if path in self._writes:  # a previous run's last write must land before we read
-                await asyncio.wait([self._writes[path]])
+        refused = label_refusal(self, run_spec)
+        if refused:
+            return {"error": refused}
+        path, lock = None, None
+        if run_spec.checkpoint_dir is not None:
+            folder = os.path.abspath(os.path.expanduser(run_spec.checkpoint_dir))  # used here
+            lock = lock_record(run_spec.uid, run_spec.run_id, self.server_id)
+            path, refused = await claim_folder(self, folder, run_spec, lock)
+            if refused:
+                return refused
         try:
-            run = Run.create(run_spec, theta0, path)
+            run = Run.create(run_spec, theta0, path, token)
         except (ValueError, FileNotFoundError) as err:
-            return {"error": str(err)}
+            if lock is not None:
+                release_lock(os.path.dirname(path), run_spec.uid)
+            reply = {"error": str(err)}
+            if isinstance(err, CheckpointError):
+                reply.update(path=err.path, problem=err.problem)
+            return reply
+        run.lock = lock
+        self.runs[run.run_id] = self.by_uid[run.uid] = run
         self._drop_old_runs()
-        self.runs[run_id] = run
-        logger.info("diagode run %s: %d shards, %d steps, starting at step %d", run_id,
-                    run.n_shards, run.n_steps, run.step)
+        logger.info("diagode run %s (uid %s): %d shards, %d steps, starting at step %d",
+                    run.run_id, run.uid, run.n_shards, run.n_steps, run.step)
         if run.step >= run.n_steps:
             self._finish(run)
-        return {"run_id": run_id, "step": run.step, "resumed_from_step": run.resumed_from_step}
+        return {"run_id": run.run_id, "uid": run.uid, "step": run.step,
+                "resumed_from_step": run.resumed_from_step}
 
-    async def pull(self, run_id: str, want: int, timeout: float = 10.0) -> dict:
+    async def pull(self, uid: str, want: int, timeout: float = 10.0) -> dict:
         """theta once the run reaches step ``want`` (or after ``timeout`` s, or the run ends)."""
-        run = self.runs.get(run_id)
+        run = self.by_uid.get(uid)
         if run is None:
             return {"status": "unknown", "step": -1, "theta": None,
-                    "error": f"no run {run_id!r} on this scheduler"}
+                    "error": f"no run with uid {uid!r} on this scheduler"}
         deadline = time.monotonic() + timeout
         # step == n_steps: the last step is done and the final checkpoint is being written;
         # there is nothing left to compute, so wait for the run to end.
@@ -186,12 +204,17 @@ class ParameterServer(SchedulerPlugin):
         theta = ToPickle(run.theta) if run.status == "running" else None
         return {"status": run.status, "step": run.step, "theta": theta, "error": run.error}
 
-    def push(self, run_id: str, step: int, shard: int, loss_sum: float, grad_sum: np.ndarray,
-             count: int, timings: dict | None = None) -> dict:
+    def push(self, uid: str, token: str, step: int, shard: int, loss_sum: float,
+             grad_sum: np.ndarray, count: int, timings: dict | None = None) -> dict:
         """One shard's (loss_sum, grad_sum, count) for ``step``; see the module docstring."""
-        run = self.runs.get(run_id)
+        run = self.by_uid.get(uid)
         if run is None:
             return {"accepted": False, "status": "unknown"}
+        if not same_secret(run.token, token):
+            logger.warning("diagode run %s: refused a push without the run's token (step %r, "
+                           "shard %r)", run.run_id, step, shard)
+            return {"accepted": False, "status": run.status,
+                    "error": "push refused: wrong or missing token"}
         malformed = push_problem(step, shard, loss_sum, grad_sum, count, timings)
         if malformed is not None:  # refused; the run is not touched
             return {"accepted": False, "status": run.status, "error": malformed}
@@ -199,19 +222,19 @@ class ParameterServer(SchedulerPlugin):
                 or shard in run.pushes):
             return {"accepted": False, "status": run.status}
         if not 0 <= shard < run.n_shards:
-            self._fail(run, f"push from shard {shard}, but the run has {run.n_shards} shards")
+            self.fail(run, f"push from shard {shard}, but the run has {run.n_shards} shards")
             return {"accepted": False, "status": run.status}
         grad_sum = np.asarray(grad_sum)
         if grad_sum.shape != run.theta.shape:
-            self._fail(run, f"shard {shard} pushed a gradient of shape {grad_sum.shape}, "
+            self.fail(run, f"shard {shard} pushed a gradient of shape {grad_sum.shape}, "
                             f"expected {run.theta.shape}")
             return {"accepted": False, "status": run.status}
         if not (math.isfinite(loss_sum) and bool(np.isfinite(grad_sum).all())):
-            self._fail(run, f"shard {shard} pushed a non-finite loss or gradient at step {step} "
+            self.fail(run, f"shard {shard} pushed a non-finite loss or gradient at step {step} "
                             f"(loss_sum={loss_sum}); lower lr or check the problem's scaling")
             return {"accepted": False, "status": run.status}
         run.pushes[shard] = (float(loss_sum), grad_sum, int(count))
-        run.shard_timings[shard] = dict(timings or {})
+        run.shard_timings[shard] = known_timings(timings)
         if len(run.pushes) == run.n_shards:
             self._complete_step(run)
         return {"accepted": True, "status": run.status}
@@ -241,13 +264,19 @@ class ParameterServer(SchedulerPlugin):
         return {"status": run.status, "error": run.error, "theta": ToPickle(run.theta),
                 "history": list(run.history), "step": run.step}
 
-    def cancel(self, run_id: str, reason: str = "cancelled by a client") -> dict | None:
-        """Fail a running run on purpose (its shard loops exit at their next pull)."""
+    def cancel(self, run_id: str, token: str | None = None,
+               reason: str = "cancelled by a client") -> dict | None:
+        """Fail a running run on purpose (its shard loops exit at their next pull); refused
+        ({"refused": why}) without the run's token."""
         run = self.runs.get(run_id)
         if run is None:
             return None
+        if not same_secret(run.token, token):
+            logger.warning("diagode run %s: refused a cancel without the run's token", run_id)
+            return {"refused": f"cancel of run {run_id!r} refused: wrong or missing token (only "
+                             f"the submitting RunHandle, or attach(..., token=...), can cancel)"}
         if run.status == "running":
-            self._fail(run, reason, cancelled=True)
+            self.fail(run, reason, cancelled=True)
         return status_of(run)
 
     def list_runs(self) -> list[RunStatus]:
@@ -257,6 +286,10 @@ class ParameterServer(SchedulerPlugin):
     def statuses(self) -> list[RunStatus]:
         """Status dicts of all runs, oldest first (for the dashboard page and metrics)."""
         return [status_of(run) for run in self.runs.values()]
+
+    def run_of_uid(self, uid: str) -> Run | None:
+        """The run of a submission (for tests and tools on the scheduler)."""
+        return self.by_uid.get(uid)
 
     def loss_trace(self, run_id: str) -> list[tuple[int, float]]:
         """(step, mean loss of that step) of the run's latest steps; empty if unknown."""
@@ -289,9 +322,10 @@ class ParameterServer(SchedulerPlugin):
             if run.status == "running":
                 self._end(run, "finished")
 
-        self._in_background(finish_after_write())
+        self.in_background(finish_after_write())
 
-    def _fail(self, run: Run, error: str, cancelled: bool = False) -> None:
+    def fail(self, run: Run, error: str, cancelled: bool = False) -> None:
+        """End a run as failed with ``error`` (logged as info when it was a cancel)."""
         # A cancel is asked for: no error, and no noise for the one who asked.
         (logger.info if cancelled else logger.error)(
             "diagode run %s %s at step %d: %s", run.run_id,
@@ -303,30 +337,41 @@ class ParameterServer(SchedulerPlugin):
         run.status = status
         run.ended = time.time()
         run.pushes = {}
+        run.opt_state = None  # pending checkpoint writes hold their own reference
         run.ended_event.set()
         run.notify()
+        if run.lock is not None:
+            self.in_background(self._release_after_writes(run))
+        self._drop_old_runs()
+
+    async def _release_after_writes(self, run: Run) -> None:
+        write = self.writes.get(run.checkpoint_path)
+        if write is not None:
+            await asyncio.wait([write])
+        folder = os.path.dirname(run.checkpoint_path)
+        await asyncio.to_thread(release_lock, folder, run.uid)
 
     def _write_checkpoint(self, run: Run) -> asyncio.Task:
         """Write theta, Adam state, step, history and RNG state in a thread, in order."""
         path, meta = run.checkpoint_path, run.checkpoint_meta()
-        theta, state, previous = run.theta, run.opt_state, self._writes.get(path)
+        theta, state, previous = run.theta, run.opt_state, self.writes.get(path)
 
         async def write():
             if previous is not None:
                 await asyncio.wait([previous])
             try:
-                await asyncio.to_thread(save_checkpoint, path, theta, state, meta)
-            except OSError as err:
+                await asyncio.to_thread(save_checkpoint, path, theta, state, meta, run.uid)
+            except OSError as err:  # PermissionError: another run took the folder's lock
                 if run.status == "running":
-                    self._fail(run, f"could not write checkpoint {path}: {err}")
+                    self.fail(run, f"could not write checkpoint {path}: {err}")
                 return
             run.checkpoint_step = meta["step"]
 
-        task = self._in_background(write())
-        self._writes[path] = task
+        task = self.in_background(write())
+        self.writes[path] = task
         return task
 
-    def _in_background(self, coroutine) -> asyncio.Task:
+    def in_background(self, coroutine) -> asyncio.Task:
         """Run a coroutine on the loop, keeping a reference until it is done."""
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
@@ -334,61 +379,20 @@ class ParameterServer(SchedulerPlugin):
         return task
 
     def _drop_old_runs(self) -> None:
-        ended = sorted((r for r in self.runs.values() if r.status != "running"),
-                       key=lambda r: r.ended or 0.0)
-        for run in ended[:max(0, len(ended) - _KEEP_ENDED_RUNS + 1)]:
-            del self.runs[run.run_id]
-
-    async def _watch_step_timeouts(self) -> None:
-        while True:
-            await asyncio.sleep(_WATCHDOG_PERIOD_S)
-            now = time.monotonic()
-            for run in list(self.runs.values()):
-                timeout = run.spec.options.step_timeout
-                if run.status == "running" and now - run.step_started > timeout:
-                    missing = [s for s in range(run.n_shards) if s not in run.pushes]
-                    self._fail(run, f"step {run.step} did not complete within step_timeout="
-                                    f"{timeout:g} s: no push from shard(s) {missing} (a shard "
-                                    f"task is lost or stuck, no worker can run it, or one step "
-                                    f"takes longer than step_timeout)")
+        budget = parse_bytes(dask.config.get("diagode.service.ended-runs-memory",
+                                             _ENDED_RUNS_MEMORY))
+        for run in ended_beyond(self.by_uid.values(), budget):
+            del self.by_uid[run.uid]
+            if self.runs.get(run.run_id) is run:
+                del self.runs[run.run_id]
 
     # ---- worker deaths and task errors ----------------------------------------------------
-
-    def _forgive_worker_death(self, run: Run, shard: int, key) -> None:
-        """A worker died under this shard's task, which Dask will rerun elsewhere.
-
-        Dask counts every death toward ``allowed-failures`` and fails the task for good after
-        that many, even across a long run with unrelated deaths hours apart. Reset the count
-        when the run has made progress since this shard's previous death, so that only a shard
-        that kills worker after worker without progress ends as KilledWorker (and fails the run).
-        """
-        run.shard_restarts[shard] += 1
-        task = self.scheduler.tasks.get(key) if self.scheduler is not None else None
-        if task is not None and run.step > run.death_step.get(shard, -1):
-            task.suspicious = 0
-        run.death_step[shard] = run.step
-        logger.warning("diagode run %s: shard %d task lost its worker at step %d; Dask reruns "
-                       "it", run.run_id, shard, run.step)
 
     def _run_of_key(self, key) -> tuple[Run | None, int | None]:
         if not (isinstance(key, tuple) and len(key) >= 2 and isinstance(key[1], str)):
             return None, None
         if key[0] == SHARD_PREFIX and len(key) == 3:
-            return self.runs.get(key[1]), int(key[2])
+            return self.by_uid.get(key[1]), int(key[2])
         if key[0] == OPERATOR_PREFIX and len(key) == 2:
-            return self.runs.get(key[1]), None
+            return self.by_uid.get(key[1]), None
         return None, None
-
-    def _exception_text(self, key, kwargs: dict) -> str:
-        text = kwargs.get("exception_text")
-        task = self.scheduler.tasks.get(key) if self.scheduler is not None else None
-        if not text and task is not None:
-            blame = task.exception_blame or task
-            text = blame.exception_text
-        if not text:
-            exception = kwargs.get("exception")
-            try:
-                text = repr(pickle.loads(exception)) if isinstance(exception, bytes) else None
-            except Exception:
-                text = None
-        return text or "unknown error (see the worker logs)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import numbers
 import os
 import signal
@@ -61,7 +62,7 @@ def open_client(scheduler: str | None = None, scheduler_file: str | os.PathLike 
                 *, slurm: SlurmOptions | None = None, n_workers: int | None = None,
                 gpu: bool | str = "auto", connect_timeout: float = 10.0,
                 worker_timeout: float = 300.0, min_workers: int = 0,
-                slurm_logs: str | os.PathLike | None = None,
+                slurm_logs: str | os.PathLike | None = None, security: Any = None,
                 **cluster_options: Any) -> Iterator[Session]:
     """A client to a running scheduler, to SLURM jobs, or to a local cluster started here.
 
@@ -72,6 +73,7 @@ def open_client(scheduler: str | None = None, scheduler_file: str | os.PathLike 
     otherwise: ``local_cluster(n_workers, gpu=gpu, **cluster_options)`` (one worker per GPU,
         else per core).
     min_workers: on a running scheduler, wait up to ``worker_timeout`` s for that many workers.
+    security: a ``distributed.Security`` for a running TLS scheduler (default: Dask's config).
     """
     if slurm is not None and not isinstance(slurm, SlurmOptions):
         raise TypeError(f"slurm must be SlurmOptions, got {type(slurm).__name__}")
@@ -84,12 +86,14 @@ def open_client(scheduler: str | None = None, scheduler_file: str | os.PathLike 
                              f"scheduler takes none of them")
         if scheduler_file is not None:
             _wait_for_file(Path(scheduler_file), connect_timeout)
-        client = connect(scheduler, scheduler_file, connect_timeout)
+        client = connect(scheduler, scheduler_file, connect_timeout, security=security)
         with client:
             if min_workers:
                 _wait_for_workers(client, min_workers, worker_timeout)
             yield Session(client, "external")
         return
+    if security is not None:
+        cluster_options["security"] = security
     if slurm is not None:
         options = dataclasses.asdict(slurm)
         if slurm_logs is not None:
@@ -141,12 +145,14 @@ def _count_tasks(dask_scheduler) -> int:
 
 
 def connect(address: str | None = None, scheduler_file: str | os.PathLike | None = None,
-            timeout: float = 10) -> Client:
+            timeout: float = 10, *, security: Any = None) -> Client:
     """A Client to a running scheduler, with clear errors.
 
     Exactly one of ``address`` ("tcp://host:port") or ``scheduler_file`` is needed.
-    FileNotFoundError for a missing scheduler file; ConnectionError naming the scheduler if
-    it cannot be reached within ``timeout`` seconds.
+    ``security``: a ``distributed.Security`` (default: Dask's config, e.g. the
+    ``DASK_DISTRIBUTED__COMM__TLS__*`` variables). FileNotFoundError for a missing scheduler
+    file; ConnectionError naming the scheduler if it cannot be reached within ``timeout``
+    seconds, at once if it speaks TLS and no certificates are configured.
     """
     if (address is None) == (scheduler_file is None):
         raise ValueError("connect needs exactly one of address= or scheduler_file=")
@@ -160,11 +166,34 @@ def connect(address: str | None = None, scheduler_file: str | os.PathLike | None
         if not isinstance(address, str):
             raise TypeError(f"address must be a str, got {type(address).__name__}")
         target, kwargs = f"scheduler at {address}", {"address": address}
+    security = _security_for(address or _address_in(scheduler_file), target, security)
     try:
-        return Client(timeout=timeout, set_as_default=False, **kwargs)
+        return Client(timeout=timeout, set_as_default=False, security=security, **kwargs)
     except Exception as err:  # OSError / TimeoutError mostly; a non-Dask peer gives anything
         raise ConnectionError(f"cannot reach the Dask {target} within {timeout} s: "
                               f"{type(err).__name__}: {err}") from None
+
+
+def _security_for(address: str | None, target: str, security):
+    """``security``, or Dask's configured one; ConnectionError for a TLS scheduler when no
+    certificates are configured (Dask would time out, then print a traceback at exit)."""
+    from distributed import Security
+
+    chosen = security if security is not None else Security()
+    if (address or "").startswith("tls://") and not chosen.tls_ca_file:
+        raise ConnectionError(
+            f"the Dask {target} speaks TLS ({address}) but no certificates are configured: "
+            f"pass --tls-ca-file, --tls-cert and --tls-key (or security=distributed.Security"
+            f"(...), or set DASK_DISTRIBUTED__COMM__TLS__CA_FILE and "
+            f"DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT/KEY)")
+    return chosen
+
+
+def _address_in(scheduler_file) -> str | None:
+    try:
+        return json.loads(Path(scheduler_file).read_text()).get("address")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _wait_for_file(path: Path, timeout: float) -> None:

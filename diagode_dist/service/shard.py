@@ -2,7 +2,7 @@
 
 A shard owns the contiguous global columns ``[lo, hi)`` (``np.array_split`` of the columns into
 ``n_shards`` parts, or one column chunk of a ``DaskProblem``'s F). Its task (key
-``("diagode-shard", run_id, shard)``):
+``("diagode-shard", uid, shard)``, ``uid`` being fresh per submission):
 
 1. ``secede()``s first, so waiting for theta never holds a worker thread: more shards than
    threads cannot deadlock.
@@ -15,14 +15,17 @@ A shard owns the contiguous global columns ``[lo, hi)`` (``np.array_split`` of t
 3. Loops: pull theta at the server's step (one pull per worker process, shared by its shards),
    compute ``loss_grad_sums`` on its columns of that step's minibatch (the same
    ``epoch_batches`` as ``dd.fit``), push (loss_sum, grad_sum, count). A rerun task starts
-   by pulling and so resumes at the server's current step.
+   by pulling and so resumes at the server's current step. Pushes carry the run's token
+   (``ShardSpec.token``), without which the server refuses them.
 
 What the dashboard shows: the task stream has one long bar per shard task, prefix
 ``diagode-shard`` (a seceded task is "long-running"). The time inside it is broken down in the
 dashboard's *Fine Performance Metrics* page (prefix ``diagode-shard``) under the activities
 ``pull-theta``, ``forward-adjoint`` (the Krylov forward and adjoint passes), ``push-gradient``
-and ``load-shard``; Dask reports these when the task ends. Live per-shard timings go to the
-parameter server with every push (``status()["shard_timings"]``).
+and ``load-shard``; Dask reports these when the task ends. They are summed here and handed to
+Dask once, at the end: Dask's ledger of a running task keeps every reported value, so
+reporting each step would grow the worker's memory without bound over a long run. Live
+per-shard timings go to the parameter server with every push (``status()["shard_timings"]``).
 """
 
 from __future__ import annotations
@@ -65,39 +68,45 @@ def shard_loop(spec: ShardSpec, data, operator=None, blocks: dict | None = None)
     """
     secede()  # before anything that waits: the thread slot goes back to the worker
     worker = get_worker()
-    with context_meter.meter("load-shard"):
-        started = time.perf_counter()
+    activities = _Activities()
+    with activities.timed("load-shard"):
         prob = _load_problem(spec, data, operator, blocks)
-        load_s = time.perf_counter() - started
-    link = _ServerLink(worker, spec.run_id)
-    batches = _Minibatches(spec)
-    steps, status, want = 0, "running", 0
+    link = _ServerLink(worker, spec.uid, spec.token)
     try:
-        while status == "running":
-            with context_meter.meter("pull-theta"):
-                started = time.perf_counter()
-                reply = link.pull(want)
-                pull_s = time.perf_counter() - started
-            status = reply["status"]
-            if status != "running" or reply["step"] < want:
-                continue  # ended, or no new step within the pull timeout: ask again
-            step = reply["step"]
-            with context_meter.meter("forward-adjoint"):
-                started = time.perf_counter()
-                loss_sum, grad_sum, count, accuracy = _loss_grad(
-                    prob, reply["theta"], spec, batches.local_columns(step))
-                compute_s = time.perf_counter() - started
-            timings = {"compute_s": compute_s, "pull_s": pull_s, "load_s": load_s,
-                       "columns": count, "backend": prob.xp.__name__,
-                       "worker": worker.address, **accuracy}
-            with context_meter.meter("push-gradient"):
-                status = link.push(step, spec.shard, loss_sum, grad_sum, count, timings)
-            steps += 1
-            want = step + 1
+        # Dask keeps every value metered inside a running task (including the RPCs'
+        # serialisation) until the task ends: meter nothing per step, report sums at the end.
+        with context_meter.clear_callbacks():
+            status, steps = _steps(spec, prob, link, activities, worker.address)
     finally:
         link.close()
+        activities.report()
     return {"run_id": spec.run_id, "shard": spec.shard, "status": status, "steps": steps,
             "worker": worker.address, "backend": prob.xp.__name__}
+
+
+def _steps(spec: ShardSpec, prob, link, activities, address: str) -> tuple[str, int]:
+    """Pull, compute and push until the run ends; (final status, steps computed)."""
+    load_s = activities.seconds["load-shard"]
+    batches = _Minibatches(spec)
+    steps, status, want = 0, "running", 0
+    while status == "running":
+        with activities.timed("pull-theta") as pull:
+            reply = link.pull(want)
+        status = reply["status"]
+        if status != "running" or reply["step"] < want:
+            continue  # ended, or no new step within the pull timeout: ask again
+        step = reply["step"]
+        with activities.timed("forward-adjoint") as compute:
+            loss_sum, grad_sum, count, accuracy = _loss_grad(
+                prob, reply["theta"], spec, batches.local_columns(step))
+        timings = {"compute_s": compute.seconds, "pull_s": pull.seconds, "load_s": load_s,
+                   "columns": count, "backend": prob.xp.__name__, "worker": address,
+                   **accuracy}
+        with activities.timed("push-gradient"):
+            status = link.push(step, spec.shard, loss_sum, grad_sum, count, timings)
+        steps += 1
+        want = step + 1
+    return status, steps
 
 
 def _loss_grad(prob, theta: np.ndarray, spec: ShardSpec, columns: np.ndarray):
@@ -115,6 +124,32 @@ def _loss_grad(prob, theta: np.ndarray, spec: ShardSpec, columns: np.ndarray):
             rtol=options.rtol, max_chunk_columns=options.max_chunk_columns)
     accuracy = {key: info[key] for key in ("error_estimate", "rtol_met") if key in info}
     return float(loss_sum), to_numpy(grad_sum), int(count), accuracy
+
+
+class _Activities:
+    """Seconds per activity of one shard task, reported to Dask once (``report``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+
+    @contextlib.contextmanager
+    def timed(self, activity: str):
+        clock = _Clock()
+        started = time.perf_counter()
+        try:
+            yield clock
+        finally:
+            clock.seconds = time.perf_counter() - started
+            self.seconds[activity] += clock.seconds
+
+    def report(self) -> None:
+        """Hand the totals to Dask's Fine Performance Metrics (a few entries per task)."""
+        for activity, seconds in self.seconds.items():
+            context_meter.digest_metric(activity, seconds, "seconds")
+
+
+class _Clock:
+    seconds: float = 0.0
 
 
 class _Minibatches:
@@ -153,13 +188,13 @@ def _load_problem(spec: ShardSpec, data, operator, blocks):
         token += (str(piece.dtype),)
         host_A0 = _cached(token, lambda: piece.A0)
     elif isinstance(data, DaskShard):
-        token = ("graph", spec.run_id)
+        token = ("graph", spec.uid)
         host_A0 = _cached(token, lambda: _aligned(operator))
         # Chunks on the host first (CuPy-backed ones too); the piece moves to the GPU below.
         piece = data.build(host_A0, {name: None if block is None else _aligned(to_numpy(block))
                                      for name, block in blocks.items()})
     else:
-        token, piece = ("graph", spec.run_id), data
+        token, piece = ("graph", spec.uid), data
         host_A0 = _cached(token, lambda: _aligned(operator))
     if gpu_available():
         import cupy
@@ -249,12 +284,12 @@ _pulls_lock = threading.Lock()
 
 
 class _ServerLink:
-    """RPCs from a shard thread to the scheduler's parameter server."""
+    """RPCs from a shard thread to the scheduler's parameter server, for one submission."""
 
-    def __init__(self, worker, run_id: str):
-        self.worker, self.run_id = worker, run_id
+    def __init__(self, worker, uid: str, token: str):
+        self.worker, self.uid, self._token = worker, uid, token
         with _pulls_lock:
-            self.shared = _pulls.setdefault(run_id, _SharedPull())
+            self.shared = _pulls.setdefault(uid, _SharedPull())
             self.shared.users += 1
 
     def pull(self, want: int) -> dict:
@@ -278,7 +313,7 @@ class _ServerLink:
         reply = None
         try:
             reply = sync(self.worker.loop, self.worker.scheduler.diagode_pull,
-                         run_id=self.run_id, want=want, timeout=_PULL_TIMEOUT_S)
+                         uid=self.uid, want=want, timeout=_PULL_TIMEOUT_S)
         finally:
             with shared.changed:
                 shared.in_flight = False
@@ -291,13 +326,13 @@ class _ServerLink:
     def push(self, step: int, shard: int, loss_sum: float, grad_sum: np.ndarray, count: int,
              timings: dict) -> str:
         """Send one step's sums; returns the run's status."""
-        reply = sync(self.worker.loop, self.worker.scheduler.diagode_push, run_id=self.run_id,
-                     step=step, shard=shard, loss_sum=loss_sum, grad_sum=ToPickle(grad_sum),
-                     count=count, timings=timings)
+        reply = sync(self.worker.loop, self.worker.scheduler.diagode_push, uid=self.uid,
+                     token=self._token, step=step, shard=shard, loss_sum=loss_sum,
+                     grad_sum=ToPickle(grad_sum), count=count, timings=timings)
         return reply["status"]
 
     def close(self) -> None:
         with _pulls_lock:
             self.shared.users -= 1
-            if self.shared.users == 0 and _pulls.get(self.run_id) is self.shared:
-                del _pulls[self.run_id]
+            if self.shared.users == 0 and _pulls.get(self.uid) is self.shared:
+                del _pulls[self.uid]
