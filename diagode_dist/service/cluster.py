@@ -51,9 +51,8 @@ def local_cluster(
     threads_per_worker: threads per worker (>= 1). Keep 1 on GPUs: one stream of work per GPU.
     gpu: ``"auto"`` (GPU cluster when ``dask_cuda`` imports and a GPU is visible, else CPU, with a
         logged reason), ``True`` (GPU or ``RuntimeError``), ``False`` (CPU only).
-    dashboard_address: ``"127.0.0.1:0"`` (default) serves it on this machine only, on a free
-        port (read it from ``cluster.dashboard_link``); ``":0"`` on every interface; ``None``
-        disables the dashboard.
+    dashboard_address: ``"127.0.0.1:0"`` (default): this machine only, a free port (see
+        ``cluster.dashboard_link``); ``":0"``: every interface; ``None``: no dashboard.
     cuda_visible_devices: GPUs to use, e.g. ``"0,2"`` or ``[0, 2]`` (default: the process's own
         ``CUDA_VISIBLE_DEVICES``, i.e. all GPUs); one worker each, pinned to it.
     rmm_pool_size: per-GPU RMM pool CuPy allocates from ("24GB", bytes, or a fraction of device
