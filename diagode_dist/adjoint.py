@@ -22,6 +22,8 @@ from ._march import MAX_SUBSTEPS, Accuracy, march_adjoint, march_forward
 from .errors import AccuracyError
 from .param import SoftplusParam, check_param
 from .problem import Problem, check_columns
+from .rational import (ShiftInvert, ShiftInvertSpace, check_method, choose_method, shift_for,
+                       shift_invert_operators)
 
 DEFAULT_RTOL = 1e-12
 """Default relative tolerance of the Krylov error control (near machine precision)."""
@@ -36,7 +38,8 @@ _PARALLEL_WORK = 1 << 21  # n * columns above which CPU chunks run on a thread p
 def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
                   rtol: float = DEFAULT_RTOL, max_chunk_columns: int | None = None,
                   time_integral: str = "vanloan", quad_points: int = 32,
-                  return_info: bool = False, max_substeps: int = MAX_SUBSTEPS):
+                  return_info: bool = False, max_substeps: int = MAX_SUBSTEPS,
+                  method: str = "auto"):
     """Mean loss over the chosen columns and its exact gradient with respect to theta.
 
     Parameters
@@ -53,6 +56,11 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
     quad_points : trapezoid points per sub-step when time_integral="trapezoid"
     return_info : also return a dict with dimensions, sub-steps and error estimates
     max_substeps : work limit: Krylov sub-steps of one forward or adjoint march
+    method : "polynomial" (Krylov spaces of A: matrix-free, for non-stiff problems),
+        "rational" (shift-and-invert spaces of (I - gamma A)^{-1}, one sparse factorization per
+        call: for stiff sparse A0, where their dimension does not grow with ||T A||), or
+        "auto" (rational for a sparse A0 when an a-priori cost model from ||T A||_1, nnz and n
+        says it is cheaper; see ``diagode_dist.rational.choose_method``)
 
     Returns
     -------
@@ -72,7 +80,7 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
     """
     loss_sum, grad_sum, count, info = loss_grad_sums(
         prob, theta, param, columns, k, rtol, max_chunk_columns, time_integral, quad_points,
-        max_substeps)
+        max_substeps, method)
     loss, grad = loss_sum / count, grad_sum / count  # mean over the chosen columns
     return (loss, grad, info) if return_info else (loss, grad)
 
@@ -80,14 +88,14 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
 def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
                    rtol: float = DEFAULT_RTOL, max_chunk_columns: int | None = None,
                    time_integral: str = "vanloan", quad_points: int = 32,
-                   max_substeps: int = MAX_SUBSTEPS):
+                   max_substeps: int = MAX_SUBSTEPS, method: str = "auto"):
     """Sums (not means) over the chosen columns: what a shard pushes to the parameter server.
 
     Returns (loss_sum: float, grad_sum: (n,) array like theta, count: int, info: dict), with
     ``loss_and_grad == (loss_sum / count, grad_sum / count)``.
     """
     param, theta_dev = check_inputs(prob, theta, param, k, rtol, max_chunk_columns,
-                                    time_integral, quad_points, max_substeps)
+                                    time_integral, quad_points, max_substeps, method)
     cols = check_columns(columns, prob.S)
     theta_module = array_module(theta)
     with np.errstate(over="ignore"):  # an overflow is reported just below, as a ValueError
@@ -102,10 +110,13 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
     chunks = [cols[lo: lo + chunk] for lo in range(0, cols.size, chunk)]
 
     a_norm = _operator_norm(prob, d)
+    method = choose_method(method, prob.A0, a_norm * prob.loss.obs_times[-1], k)
+    # one factorization for every chunk, column, step and (transposed) the adjoint
+    rational = _shift_invert(prob, d) if method == "rational" else None
 
     def run(part):
         return _chunk_loss_grad(prob, d, part, k, rtol, time_integral, quad_points, a_norm,
-                                max_substeps)
+                                max_substeps, rational)
 
     with _single_threaded_blas(prob.xp):
         if threads > 1 and len(chunks) > 1:
@@ -124,6 +135,7 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
             f"the loss ({loss_sum}) or its gradient is not finite: the solution overflows "
             "(does A = A0 + diag(d) have eigenvalues with a large positive real part?)")
     info = _info(acc, rtol, k, prob.dtype)
+    info["method"] = method
     if not info["rtol_met"]:
         raise AccuracyError(
             f"the error estimate {info['error_estimate']:.3g} exceeds rtol={rtol:g} "
@@ -137,19 +149,33 @@ def _operator_norm(prob, d) -> float:
     return float(prob.xp.max(prob.A0_abs_col_sums + prob.xp.abs(d)))
 
 
+def _shift_invert(prob, d):
+    """(factorization of I - gamma A, its space) for the rational method."""
+    gamma = shift_for(prob.loss.obs_times)
+    return ShiftInvert(prob.A0, d, gamma), ShiftInvertSpace(gamma)
+
+
 def check_inputs(prob, theta, param=None, k=30, rtol=DEFAULT_RTOL, max_chunk_columns=None,
-                 time_integral="vanloan", quad_points=32, max_substeps=MAX_SUBSTEPS):
+                 time_integral="vanloan", quad_points=32, max_substeps=MAX_SUBSTEPS,
+                 method="auto"):
     """Validate everything before any work. Returns (param, theta on the problem's device)."""
     if not isinstance(prob, Problem):
         raise TypeError(f"prob must be a diagode_dist.Problem, got {type(prob).__name__}")
     param = SoftplusParam() if param is None else param
     check_param(param)
     _check_options(k, rtol, max_chunk_columns, time_integral, quad_points, max_substeps)
+    check_method(method)
+    if prob.A0 is not None:  # a problem shipped without operator is checked where it gets one
+        choose_method(method, prob.A0, 0.0, k)  # method="rational" needs a sparse A0
     return param, _check_theta(theta, prob)
 
 
-def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points, a_norm, max_substeps):
-    """Loss sum, dL/dd sum and accuracy record of one chunk of columns."""
+def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points, a_norm, max_substeps,
+                     rational=None):
+    """Loss sum, dL/dd sum and accuracy record of one chunk of columns.
+
+    rational : None (polynomial Krylov) or (ShiftInvert, ShiftInvertSpace).
+    """
     xp, n = prob.xp, prob.n
     forcing = xp.ascontiguousarray(prob.F[:, xp.asarray(cols)].T)  # (c, n)
     u0 = xp.zeros((cols.size, n + 1), dtype=forcing.dtype)
@@ -173,16 +199,21 @@ def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points, a_norm,
     def apply_T(v):  # A^T = A0^T + diag(d) on rows v
         return (prob.A0T @ v.T).T + d * v
 
+    space, symmetric = None, prob.symmetric
+    if rational is not None:  # the same marches on (I - gamma Â)^{-1}, full Arnoldi
+        make_apply, apply_T = shift_invert_operators(rational[0], forcing)
+        space, symmetric = rational[1], False
+
     # The augmented operator inherits Lanczos structure only from a zero start: u0 = e_{n+1}.
     horizon = prob.loss.obs_times[-1]
     keep_bytes = memory_budget(xp) // 2
     states, intervals, acc = march_forward(
         make_apply, u0, prob.loss.obs_times, horizon, k, rtol, keep_bytes,
-        prob.symmetric and prob.x0 is None, forcing_norms=to_numpy(xp.linalg.norm(forcing, axis=1)),
-        a_norm=a_norm, max_substeps=max_substeps)
+        symmetric and prob.x0 is None, forcing_norms=to_numpy(xp.linalg.norm(forcing, axis=1)),
+        a_norm=a_norm, max_substeps=max_substeps, space=space)
     loss, jumps = prob.loss.evaluate(states, cols)
     grad_d = march_adjoint(make_apply, apply_T, intervals, jumps, n, horizon, k, rtol, acc,
-                           time_integral, quad_points, prob.symmetric, max_substeps)
+                           time_integral, quad_points, symmetric, max_substeps, space)
     return float(loss.sum()), grad_d, acc
 
 
