@@ -57,21 +57,24 @@ def choose_method(method: str, A0, stiffness: float, k: int) -> str:
 
     stiffness : T ||A||_1 (an upper estimate of T ||A||); A0 : the problem's operator.
     Costs are in flops per column, forward plus adjoint. Polynomial: max(1, stiffness / k)
-    sub-steps of dimension k, each dimension one sparse product plus CGS2 over about k
-    vectors. Rational: one factorization (fill^2 / n flops, fill guessed as nnz log2 n, the
-    nested-dissection order on 2-D grids) amortised over the columns' solves, _RATIONAL_DIM
-    dimensions, each a pair of triangular solves (2 fill) plus CGS2.
+    sub-steps of dimension min(k, _RATIONAL_DIM + stiffness), each dimension one sparse
+    product plus CGS2 over about that many vectors. Rational: one factorization (fill^2 / n
+    flops, fill guessed as nnz log2 n, the nested-dissection order on 2-D grids) shared by
+    the columns, _RATIONAL_DIM dimensions, each a pair of triangular solves (2 fill) plus
+    CGS2. Below k = _RATIONAL_DIM the rational space would have to sub-step, where it
+    converges worse (steps shorter than gamma): polynomial.
     """
     if method == "rational" and not is_sparse(A0):
         raise ValueError("method='rational' needs a sparse A0 (SciPy or CuPy CSR): the "
                          "shift-and-invert space factorizes I - gamma A")
     if method != "auto":
         return method
-    if not is_sparse(A0):
+    if not is_sparse(A0) or k < _RATIONAL_DIM:
         return "polynomial"
     n, nnz = A0.shape[0], A0.nnz + A0.shape[0]
     steps = max(1.0, stiffness / k)
-    polynomial = 2 * steps * k * (2 * nnz + 4 * k * n)
+    dim = min(k, _RATIONAL_DIM + stiffness)
+    polynomial = 2 * steps * dim * (2 * nnz + 4 * dim * n)
     fill = nnz * max(1.0, math.log2(n))
     m = _RATIONAL_DIM
     rational = 2 * m * (4 * fill + 4 * m * n) + fill * fill / n / 64
