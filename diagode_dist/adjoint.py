@@ -22,8 +22,15 @@ from ._march import MAX_SUBSTEPS, Accuracy, march_adjoint, march_forward
 from .errors import AccuracyError
 from .param import SoftplusParam, check_param
 from .problem import Problem, check_columns
-from .rational import (ShiftInvert, ShiftInvertSpace, check_method, choose_method, shift_for,
-                       shift_invert_operators, substep_limit)
+from .rational import (
+    ShiftInvert,
+    ShiftInvertSpace,
+    check_method,
+    choose_method,
+    shift_for,
+    shift_invert_operators,
+    substep_limit,
+)
 
 DEFAULT_RTOL = 1e-12
 """Default relative tolerance of the Krylov error control (near machine precision)."""
