@@ -57,6 +57,12 @@ def _trust(args: argparse.Namespace) -> str:
                        markdown=args.markdown)
 
 
+def _stiff(args: argparse.Namespace) -> str:
+    from .stiff import stiff_tables
+
+    return stiff_tables(quick=args.quick, markdown=args.markdown, log=_log)
+
+
 @dataclass(frozen=True)
 class Section:
     """An optional part of the report: ``--flag`` turns it on; ``render(args)`` returns it."""
@@ -76,6 +82,10 @@ SECTIONS: tuple[Section, ...] = (
     Section("service", "Dask service: parameter-server overhead and speed-up",
             "also measure the Dask service: parameter-server overhead per step (n = 1e4, 1e6) "
             "and the speed-up of 2 workers over 1 (~2 min)", _service),
+    Section("stiff", "Stiff problems: rational against polynomial Krylov",
+            "also time the rational (shift-and-invert) method on 2-D diffusion against the "
+            "polynomial one, scored by expm_multiply: accuracy, time against ||TA|| and n "
+            "(n = 16384 .. 262144; the polynomial baseline alone takes minutes)", _stiff),
     Section("gpu", "GPU: orthogonalisation bandwidth against the roofline",
             "also run ours on CuPy (n ~ 1e5, S = 1024) with the orthogonalisation's bytes "
             "moved, bandwidth and roofline fraction", _gpu),

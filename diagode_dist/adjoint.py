@@ -29,7 +29,6 @@ from .rational import (
     choose_method,
     shift_for,
     shift_invert_operators,
-    substep_limit,
 )
 
 DEFAULT_RTOL = 1e-12
@@ -120,8 +119,6 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
     method = choose_method(method, prob.A0, a_norm * prob.loss.obs_times[-1], k)
     # one factorization for every chunk, column, step and (transposed) the adjoint
     rational = _shift_invert(prob, d) if method == "rational" else None
-    if rational is not None:
-        max_substeps = substep_limit(max_substeps, len(prob.loss.obs_times))
 
     def run(part):
         return _chunk_loss_grad(prob, d, part, k, rtol, time_integral, quad_points, a_norm,

@@ -39,8 +39,6 @@ _LAG = 2
 _GAMMA_FRACTION = 0.1
 """Shift gamma = _GAMMA_FRACTION x the longest interval between observation times (van den
 Eshof & Hochbruck 2006 recommend gamma of order tau / 10 for tolerances 1e-6 .. 1e-12)."""
-_RATIONAL_STEPS = 64
-"""Sub-steps per observation interval before a rational march is refused (substep_limit)."""
 _RATIONAL_DIM = 16
 """Typical dimension of a converged shift-and-invert space (cost model)."""
 
@@ -79,14 +77,6 @@ def choose_method(method: str, A0, stiffness: float, k: int) -> str:
     m = _RATIONAL_DIM
     rational = 2 * m * (4 * fill + 4 * m * n) + fill * fill / n / 64
     return "rational" if rational < polynomial else "polynomial"
-
-
-def substep_limit(max_substeps: int, n_obs: int) -> int:
-    """Sub-steps a rational march may take: a shift-and-invert space converges for long
-    steps (tau >> gamma) and worse for short ones, so when it does not converge within k,
-    shrinking steps does not rescue it (measured: 5000 ever shorter steps in 11 s on the
-    gallery's 1-D Laplacian at k = 10); refuse after _RATIONAL_STEPS per interval instead."""
-    return min(max_substeps, _RATIONAL_STEPS * n_obs)
 
 
 def shift_for(obs_times) -> float:
