@@ -29,6 +29,7 @@ from .rational import (
     choose_method,
     shift_for,
     shift_invert_operators,
+    substep_limit,
 )
 
 DEFAULT_RTOL = 1e-12
@@ -116,20 +117,31 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
     chunks = [cols[lo: lo + chunk] for lo in range(0, cols.size, chunk)]
 
     a_norm = _operator_norm(prob, d)
-    method = choose_method(method, prob.A0, a_norm * prob.loss.obs_times[-1], k)
-    # one factorization for every chunk, column, step and (transposed) the adjoint
-    rational = _shift_invert(prob, d) if method == "rational" else None
+    chosen = choose_method(method, prob.A0, a_norm * prob.loss.obs_times[-1], k)
 
-    def run(part):
-        return _chunk_loss_grad(prob, d, part, k, rtol, time_integral, quad_points, a_norm,
-                                max_substeps, rational)
+    def run_chunks(rational, substeps):
+        def run(part):
+            return _chunk_loss_grad(prob, d, part, k, rtol, time_integral, quad_points, a_norm,
+                                    substeps, rational)
 
-    with _single_threaded_blas(prob.xp):
-        if threads > 1 and len(chunks) > 1:
-            with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
-                parts = list(pool.map(run, chunks))
-        else:
-            parts = [run(part) for part in chunks]
+        with _single_threaded_blas(prob.xp):
+            if threads > 1 and len(chunks) > 1:
+                with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+                    return list(pool.map(run, chunks))
+            return [run(part) for part in chunks]
+
+    if chosen == "polynomial":
+        parts = run_chunks(None, max_substeps)
+    elif method == "rational":
+        # one factorization for every chunk, column, step and (transposed) the adjoint
+        parts = run_chunks(_shift_invert(prob, d), max_substeps)
+    else:  # chosen by the a-priori model: give up early where its sub-steps pile up
+        try:
+            parts = run_chunks(_shift_invert(prob, d),
+                               substep_limit(max_substeps, len(prob.loss.obs_times)))
+        except AccuracyError:
+            chosen, parts = "polynomial", run_chunks(None, max_substeps)
+    method = chosen
     loss_sum, grad_d = 0.0, prob.xp.zeros(prob.n, dtype=d.dtype)
     for part in parts:  # chunk order: the sum does not depend on timing
         loss_sum += part[0]
