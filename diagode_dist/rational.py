@@ -36,8 +36,10 @@ METHODS = ("auto", "polynomial", "rational")
 
 _LAG = 2
 """The estimate compares dimensions m and m - _LAG."""
-_GAMMA_FRACTION = 0.1
-"""Shift gamma = _GAMMA_FRACTION x the longest interval between observation times (van den
+_GAMMA_FRACTION = 0.05
+"""Shift gamma = _GAMMA_FRACTION x the longest interval between observation times (measured
+on 2-D diffusion, n = 4096, ||TA|| = 5000, rtol 1e-8: dimension 18 at 0.05, 20 at 0.02, 26 at
+0.1, 32 at 0.3; van den
 Eshof & Hochbruck 2006 recommend gamma of order tau / 10 for tolerances 1e-6 .. 1e-12)."""
 _RATIONAL_STEPS = 16
 """Sub-steps per observation interval of an automatically chosen rational march."""
