@@ -71,6 +71,12 @@ def _layer(args: argparse.Namespace) -> str:
                         budget=args.peer_budget, log=_log)
 
 
+def _stiff(args: argparse.Namespace) -> str:
+    from .stiff import stiff_tables
+
+    return stiff_tables(quick=args.quick, markdown=args.markdown, log=_log)
+
+
 @dataclass(frozen=True)
 class Section:
     """An optional part of the report: ``--flag`` turns it on; ``render(args)`` returns it."""
@@ -98,6 +104,10 @@ SECTIONS: tuple[Section, ...] = (
             "also time diagode_dist.torch against dd.loss_and_grad (seed demo shape) and "
             "against torchdiffeq and matrix_exp on stiff 2-D diffusion, one process per "
             "method (~5-10 min)", _layer),
+    Section("stiff", "Stiff problems: rational against polynomial Krylov",
+            "also time the rational (shift-and-invert) method on 2-D diffusion against the "
+            "polynomial one, scored by expm_multiply: accuracy, time against ||TA|| and n "
+            "(n = 16384 .. 262144; the polynomial baseline alone takes minutes)", _stiff),
     Section("gpu", "GPU: orthogonalisation bandwidth against the roofline",
             "also run ours on CuPy (n ~ 1e5, S = 1024) with the orthogonalisation's bytes "
             "moved, bandwidth and roofline fraction", _gpu),

@@ -72,10 +72,10 @@ class _Acceptor:
     starts from the values at each column's final dimension instead of recomputing them.
     """
 
-    def __init__(self, norms, tau, rtol, T, n_rows):
-        """norms (c,) device; tau (c,) host steps; rtol, T floats."""
+    def __init__(self, norms, tau, rtol, T, n_rows, space=None):
+        """norms (c,) device; tau (c,) host steps; rtol, T floats; space: see march_forward."""
         self.norms, self.tau_host, self.rtol, self.T = norms, tau, rtol, T
-        self.n_rows = n_rows
+        self.n_rows, self.space = n_rows, space
         self.tau = array_module(norms).asarray(tau, dtype=norms.dtype)  # float32 stays float32
         self.checks = {}  # dimension m -> (y (c, m), Estimate)
 
@@ -85,13 +85,13 @@ class _Acceptor:
         c = self.tau_host.size
         if rows is None or rows.size == c:
             y, est = _estimate(hessenberg[:, :-1, :], hessenberg[:, -1, -1], self.norms,
-                               self.tau, basis, self.n_rows)
+                               self.tau, basis, self.n_rows, self.space)
         else:
             xp = array_module(self.norms)
             sub = xp.asarray(rows)
             y_rows, est_rows = _estimate(hessenberg[sub, :-1, :], hessenberg[sub, -1, -1],
                                          self.norms[sub], self.tau[sub], basis[:, sub],
-                                         self.n_rows)
+                                         self.n_rows, self.space)
             y = xp.zeros((c, basis.shape[0]), dtype=y_rows.dtype)
             y[sub] = y_rows
             est = Estimate(np.full(c, np.nan), np.full(c, np.nan), est_rows.eps)
@@ -129,7 +129,7 @@ class _Acceptor:
         missing = np.nonzero(np.isnan(est.truncation))[0]
         if missing.size:
             y_new, est_new = _relative_error(_rows_of(proj, xp.asarray(missing)),
-                                             self.tau_host[missing], self.n_rows)
+                                             self.tau_host[missing], self.n_rows, self.space)
             y[xp.asarray(missing)] = y_new
             est.put(missing, est_new)
         return y, est
@@ -169,22 +169,26 @@ class Estimate:
         self.rounding[rows] = other.rounding
 
 
-def _estimate(square, next_subdiag, norms, tau, basis, n_rows):
+def _estimate(square, next_subdiag, norms, tau, basis, n_rows, space=None, dims=None):
     """y = beta exp(tau H) e1 (c, m) and the relative Estimate of x(tau) = V[:n_rows] y."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # refused below
-        return _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows)
+        return _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, dims)
 
 
-def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows):
+def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, dims):
     xp = array_module(norms)
-    y, err = exp_and_error(square, next_subdiag, norms, tau)
+    if space is None:
+        y, err = exp_and_error(square, next_subdiag, norms, tau)
+    else:
+        y, err = space.exp_and_error(square, next_subdiag, norms, tau, dims)
     size = xp.linalg.norm(combine(basis[:, :, :n_rows], y), axis=1)
     eps = _eps(norms)
     floor = _ROUNDING * eps * (norms + xp.abs(y).sum(axis=1))
     # A state that underflows to zero (strong decay, float32) is measured against the start.
     size = xp.where(size > 0, size, norms)
     finite = xp.isfinite(y).all(axis=1) & xp.isfinite(size) & xp.isfinite(err)
-    finite &= xp.linalg.norm(y, axis=1) <= _GROWTH_LIMIT * norms
+    growth_limit = _GROWTH_LIMIT if space is None else space.growth_limit
+    finite &= xp.linalg.norm(y, axis=1) <= growth_limit * norms
     scale = xp.where(size > 0, size, 1.0)
     trunc = xp.where(finite, _SAFETY * err / scale, xp.inf)
     floor = xp.where(finite, floor / scale, xp.inf)
@@ -195,11 +199,17 @@ def _eps(array) -> float:
     return float(np.finfo(array.dtype).eps)
 
 
-def _relative_error(proj, tau, n_rows):
+def _relative_error(proj, tau, n_rows, space=None):
     """y and the relative Estimate per column at (host) steps tau."""
     xp = array_module(proj.norms)
     return _estimate(proj.square, proj.next_subdiag, proj.norms,
-                     xp.asarray(tau, dtype=proj.norms.dtype), proj.basis, n_rows)
+                     xp.asarray(tau, dtype=proj.norms.dtype), proj.basis, n_rows, space,
+                     proj.dims)
+
+
+def _operator(proj, space):
+    """The projected operator (c, m, m): H itself, or what ``space`` recovers from it."""
+    return proj.square if space is None else space.operator(proj.square, proj.dims)
 
 
 def _choose_steps(proj, accept, remaining, T, rtol, n_rows):
@@ -222,19 +232,23 @@ def _choose_steps(proj, accept, remaining, T, rtol, n_rows):
         # each column by its own dimension: a step does not depend on the chunk's other columns
         tau[bad] *= np.clip(0.9 * ratio ** (1.0 / np.maximum(proj.dims[bad], 1)), 0.05, 0.9)
         rows = xp.asarray(bad)
-        y_bad, est_bad = _relative_error(_rows_of(proj, rows), tau[bad], n_rows)  # only these
+        y_bad, est_bad = _relative_error(_rows_of(proj, rows), tau[bad], n_rows,
+                                         accept.space)  # only these
         y[rows] = y_bad
         est.put(bad, est_bad)
     return tau, y, est
 
 
 def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=False, *,
-                  forcing_norms, a_norm, max_substeps=MAX_SUBSTEPS):
+                  forcing_norms, a_norm, max_substeps=MAX_SUBSTEPS, space=None):
     """Integrate u' = Â u from u0 = [x0; 1] (c, N) to every observation time.
 
     make_apply(rows, coupling) -> callable (c_q, N) -> (c_q, N): the augmented operator
     [[A, f coupling], [0, 0]] of those columns (coupling (c_q,) device).
     forcing_norms : (c,) host ||f_j||; a_norm : float, an estimate of ||A|| (any norm).
+    space : None (polynomial Krylov: make_apply gives the operator) or a shift-and-invert space
+    (``rational.ShiftInvertSpace``: make_apply gives (I - gamma Â)^{-1}, and the space reads the
+    projected operator and the error estimate off its Hessenberg).
 
     Each step is balanced: the augmented coordinate is eta = max(||x||, ||f|| min(tau, 1/||A||))
     instead of 1 (with coupling 1/eta), so that a state far below 1 -- strong decay, or data of
@@ -256,7 +270,7 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
         remaining = obs[next_obs[active]] - t[active]
         start, coupling = _balanced_start(u, active, remaining, forcing_norms, a_norm)
         norms = xp.linalg.norm(start, axis=1)
-        accept = _Acceptor(norms, remaining, rtol, T, N - 1)
+        accept = _Acceptor(norms, remaining, rtol, T, N - 1, space)
         # Lanczos structure of the augmented operator holds only from u0 = e_{n+1} (t = 0).
         lanczos = symmetric and not t[active].any()
         apply = make_apply(active, coupling)
@@ -350,11 +364,12 @@ def _check_work(steps, max_substeps, k, rtol, what, progress=None):
 
 def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
                   time_integral="vanloan", quad_points=32, symmetric=False,
-                  max_substeps=MAX_SUBSTEPS, extras=None):
+                  max_substeps=MAX_SUBSTEPS, extras=None, space=None):
     """March the adjoint back across the intervals and sum the exact sub-step integrals.
 
     jumps : (m_obs, c, n) dL/dx at the observation times; apply_T: (c_q, n) -> (c_q, n), A^T on
-    rows. Returns dL/dd (n,), summed over the chunk's columns in a fixed order.
+    rows (or its shift-and-invert counterpart with ``space``, as in march_forward).
+    Returns dL/dd (n,), summed over the chunk's columns in a fixed order.
     extras : optional ``pattern.AdjointExtras``, given every sub-step and lambda(0).
     """
     xp = array_module(jumps)
@@ -370,14 +385,14 @@ def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
         fwd = iv.projection or arnoldi(make_apply(iv.columns, iv.coupling), iv.start, k,
                                        fixed_dims=iv.dims, symmetric=iv.symmetric)
         grad += _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral,
-                                  quad_points, symmetric, max_substeps, extras)
+                                  quad_points, symmetric, max_substeps, extras, space)
     if extras is not None:
         extras.finish(lam)
     return grad
 
 
 def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, quad_points,
-                      symmetric, max_substeps, extras=None):
+                      symmetric, max_substeps, extras=None, space=None):
     """Adjoint across one forward interval, in as many error-controlled sub-steps as needed.
 
     Updates lam (c, n) in place for the interval's columns; returns the gradient part (n,).
@@ -392,7 +407,7 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
         remaining = iv.tau[active] - elapsed[active]
         start = lam[rows]
         norms = xp.linalg.norm(start, axis=1)
-        accept = _Acceptor(norms, remaining, rtol, T, n)
+        accept = _Acceptor(norms, remaining, rtol, T, n, space)
         adj = arnoldi(apply_T, start, k, symmetric=symmetric, accept=accept)
         sigma, z, est = _choose_steps(adj, accept, remaining, T, rtol, n)
         acc.adjoint_steps += 1
@@ -400,51 +415,53 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
         reached = sigma >= remaining
         begin = np.where(reached, 0.0, remaining - sigma)  # forward-local start of the sub-step
         sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))
-        acc.adjoint[iv.columns[active]] += est.total + _van_loan_rounding(adj, sigma, sub)
-        y_start, y_norm = _forward_coefficients(sub, begin)
+        G, H = _operator(adj, space), _operator(sub, space)
+        acc.adjoint[iv.columns[active]] += est.total + _van_loan_rounding(G, sigma, H)
+        y_start, y_norm = _forward_coefficients(H, sub.norms, begin)
         steps = xp.asarray(sigma, dtype=lam.dtype)  # host float64 -> the working precision
         if time_integral == "vanloan":
-            M = van_loan(adj.square, sub.square, steps, y_start)
+            M = van_loan(G, H, steps, y_start)
         else:
-            M = trapezoid(adj.square, sub.square, steps, y_start, quad_points)
+            M = trapezoid(G, H, steps, y_start, quad_points)
         M = M * (adj.norms * y_norm)[:, None, None]
         grad += _contract(adj.basis, M, sub.basis[:, :, :n])
         if extras is not None:
-            extras.substep(iv.columns[active], adj, M, sub, sigma)
+            extras.substep(iv.columns[active], adj, M, sub, sigma, G)
         lam[rows] = combine(adj.basis, z)
         elapsed[active] = np.where(reached, iv.tau[active], elapsed[active] + sigma)
         active = active[~reached]
     return grad
 
 
-def _van_loan_rounding(adj, sigma, fwd):
-    """Relative rounding of the step's Van Loan integral (host (c,)): scaling and squaring of a
-    stiff block loses about 0.1 eps sigma ||G||_1 (measured: 5e-11 at sigma ||G|| = 1e6)."""
-    xp = array_module(adj.norms)
-    eps = _eps(adj.norms)
-    size = xp.maximum(xp.abs(adj.square).sum(axis=1).max(axis=1),
-                      xp.abs(fwd.square).sum(axis=1).max(axis=1))
+def _van_loan_rounding(G, sigma, H):
+    """Relative rounding of the step's Van Loan integral (host (c,)) of the projected adjoint
+    and forward operators G, H (c, m, m): scaling and squaring of a stiff block loses about
+    0.1 eps sigma ||G||_1 (measured: 5e-11 at sigma ||G|| = 1e6)."""
+    xp = array_module(G)
+    eps = _eps(G)
+    size = xp.maximum(xp.abs(G).sum(axis=1).max(axis=1), xp.abs(H).sum(axis=1).max(axis=1))
     return 0.1 * eps * sigma * to_numpy(size).astype(float)
 
 
 def _rows_of(proj, rows):
     """The projection restricted to some columns."""
+    dims = None if proj.dims is None else proj.dims[to_numpy(rows)]
     return Projection(proj.basis[:, rows], proj.hessenberg[rows], proj.next_subdiag[rows],
-                      proj.norms[rows], None, None)
+                      proj.norms[rows], dims, None)
 
 
-def _forward_coefficients(proj, begin):
-    """Unit forward coefficients y(a)/||y(a)|| at forward-local times a (c,), and ||y(a)||."""
-    xp = array_module(proj.norms)
-    m = proj.square.shape[-1]
+def _forward_coefficients(H, norms, begin):
+    """Unit forward coefficients y(a)/||y(a)|| at forward-local times a (c,), and ||y(a)||,
+    of the projected forward operators H (c, m, m) started from norms (c,) times e1."""
+    xp = array_module(norms)
+    m = H.shape[-1]
     if not begin.any():  # the whole interval: y(0) = beta e1
-        unit = xp.zeros((proj.norms.shape[0], m), dtype=proj.norms.dtype)
+        unit = xp.zeros((norms.shape[0], m), dtype=norms.dtype)
         unit[:, 0] = 1.0
-        return unit, proj.norms
-    y = expm_batched(xp.asarray(begin, dtype=proj.square.dtype)[:, None, None]
-                     * proj.square)[:, :, 0]
+        return unit, norms
+    y = expm_batched(xp.asarray(begin, dtype=H.dtype)[:, None, None] * H)[:, :, 0]
     y_norm = xp.linalg.norm(y, axis=1)
-    return y / xp.where(y_norm > 0, y_norm, 1.0)[:, None], y_norm * proj.norms
+    return y / xp.where(y_norm > 0, y_norm, 1.0)[:, None], y_norm * norms
 
 
 def _contract(adjoint_basis, M, forward_basis):

@@ -28,6 +28,15 @@ from .errors import AccuracyError
 from .param import OperatorTerms, SoftplusParam, as_operator_param
 from .pattern import AdjointExtras
 from .problem import Problem, check_columns
+from .rational import (
+    ShiftInvert,
+    ShiftInvertSpace,
+    check_method,
+    choose_method,
+    shift_for,
+    shift_invert_operators,
+    substep_limit,
+)
 
 DEFAULT_RTOL = 1e-12
 """Default relative tolerance of the Krylov error control (near machine precision)."""
@@ -47,7 +56,7 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
                   rtol: float = DEFAULT_RTOL, max_chunk_columns: int | None = None,
                   time_integral: str = "vanloan", quad_points: int = 32,
                   return_info: bool = False, max_substeps: int = MAX_SUBSTEPS,
-                  wrt: Sequence[str] | None = None):
+                  wrt: Sequence[str] | None = None, method: str = "polynomial"):
     """Mean loss over the chosen columns and its exact gradient with respect to theta.
 
     Parameters
@@ -68,6 +77,11 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
         of those: dL/dtheta (p,), dL/dx0 = lambda(0) / |B| (n, S) and dL/dF = int lambda dt / |B|
         (n, S) (zero outside the chosen columns B; both on the problem's device), all from the
         one adjoint pass
+    method : "polynomial" (the default: Krylov spaces of A: matrix-free, for non-stiff problems),
+        "rational" (shift-and-invert spaces of (I - gamma A)^{-1}, one sparse factorization per
+        call: for stiff sparse A0, where their dimension does not grow with ||T A||), or
+        "auto" (rational for a sparse A0 when an a-priori cost model from ||T A||_1, nnz and n
+        says it is cheaper; see ``diagode_dist.rational.choose_method``)
 
     Returns
     -------
@@ -88,7 +102,7 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
     names = ("theta",) if wrt is None else _check_wrt(wrt)
     loss_sum, grads, count, info = _loss_grad_parts(
         prob, theta, param, columns, k, rtol, max_chunk_columns, time_integral, quad_points,
-        max_substeps, names)
+        max_substeps, names, method)
     loss = loss_sum / count  # mean over the chosen columns
     means = {name: grads[name] / count for name in names}
     grad = means["theta"] if wrt is None else means
@@ -98,7 +112,7 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
 def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
                    rtol: float = DEFAULT_RTOL, max_chunk_columns: int | None = None,
                    time_integral: str = "vanloan", quad_points: int = 32,
-                   max_substeps: int = MAX_SUBSTEPS):
+                   max_substeps: int = MAX_SUBSTEPS, method: str = "polynomial"):
     """Sums (not means) over the chosen columns: what a shard pushes to the parameter server.
 
     Returns (loss_sum: float, grad_sum: (p,) array like theta, count: int, info: dict), with
@@ -106,15 +120,15 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
     """
     loss_sum, grads, count, info = _loss_grad_parts(
         prob, theta, param, columns, k, rtol, max_chunk_columns, time_integral, quad_points,
-        max_substeps, ("theta",))
+        max_substeps, ("theta",), method)
     return loss_sum, grads["theta"], count, info
 
 
 def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, time_integral,
-                     quad_points, max_substeps, names):
+                     quad_points, max_substeps, names, method="polynomial"):
     """(loss_sum, {name: gradient sum}, count, info) for the names in ``names``."""
     param, theta_dev = check_inputs(prob, theta, param, k, rtol, max_chunk_columns,
-                                    time_integral, quad_points, max_substeps)
+                                    time_integral, quad_points, max_substeps, method)
     cols = check_columns(columns, prob.S)
     theta_module = array_module(theta)
     d, op_prob = operator_of(prob, param, theta_dev)
@@ -125,18 +139,31 @@ def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, ti
     chunks = [cols[lo: lo + chunk] for lo in range(0, cols.size, chunk)]
 
     a_norm = operator_norm(op_prob, d)
+    chosen = choose_method(method, op_prob.A0, a_norm * prob.loss.obs_times[-1], k)
 
-    def run(part):
-        extras = AdjointExtras(param.pattern, "F" in names, prob.n)
-        return _chunk_loss_grad(op_prob, d, part, k, rtol, time_integral, quad_points, a_norm,
-                                max_substeps, extras)
+    def run_chunks(rational, substeps):
+        def run(part):
+            extras = AdjointExtras(param.pattern, "F" in names, prob.n)
+            return _chunk_loss_grad(op_prob, d, part, k, rtol, time_integral, quad_points,
+                                    a_norm, substeps, extras, rational)
 
-    with _single_threaded_blas(prob.xp):
-        if threads > 1 and len(chunks) > 1:
-            with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
-                parts = list(pool.map(run, chunks))
-        else:
-            parts = [run(part) for part in chunks]
+        with _single_threaded_blas(prob.xp):
+            if threads > 1 and len(chunks) > 1:
+                with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+                    return list(pool.map(run, chunks))
+            return [run(part) for part in chunks]
+
+    if chosen == "polynomial":
+        parts = run_chunks(None, max_substeps)
+    elif method == "rational":
+        # one factorization for every chunk, column, step and (transposed) the adjoint
+        parts = run_chunks(_shift_invert(op_prob, d), max_substeps)
+    else:  # chosen by the a-priori model: give up early where its sub-steps pile up
+        try:
+            parts = run_chunks(_shift_invert(op_prob, d),
+                               substep_limit(max_substeps, len(prob.loss.obs_times)))
+        except AccuracyError:
+            chosen, parts = "polynomial", run_chunks(None, max_substeps)
     loss_sum, grads = _gather(prob, param, theta_dev, chunks, parts, names)
     if not (np.isfinite(loss_sum) and all(bool(prob.xp.isfinite(g).all())
                                           for g in grads.values())):
@@ -144,6 +171,7 @@ def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, ti
             f"the loss ({loss_sum}) or its gradient is not finite: the solution overflows "
             "(does A = A0 + diag(d) have eigenvalues with a large positive real part?)")
     info = _info([part[2] for part in parts], rtol, k, prob.dtype)
+    info["method"] = chosen
     if not info["rtol_met"]:
         raise AccuracyError(
             f"the error estimate {info['error_estimate']:.3g} exceeds rtol={rtol:g} "
@@ -221,31 +249,48 @@ def operator_norm(prob, d) -> float:
     return float(prob.xp.max(prob.A0_abs_col_sums + prob.xp.abs(d)))
 
 
+def _shift_invert(prob, d):
+    """(factorization of I - gamma A, its space) for the rational method."""
+    gamma = shift_for(prob.loss.obs_times)
+    return ShiftInvert(prob.A0, d, gamma), ShiftInvertSpace(gamma)
+
+
 def check_inputs(prob, theta, param=None, k=30, rtol=DEFAULT_RTOL, max_chunk_columns=None,
-                 time_integral="vanloan", quad_points=32, max_substeps=MAX_SUBSTEPS):
+                 time_integral="vanloan", quad_points=32, max_substeps=MAX_SUBSTEPS,
+                 method="polynomial"):
     """Validate everything before any work. Returns (param, theta on the problem's device)."""
     if not isinstance(prob, Problem):
         raise TypeError(f"prob must be a diagode_dist.Problem, got {type(prob).__name__}")
     param = as_operator_param(SoftplusParam() if param is None else param)
     _check_options(k, rtol, max_chunk_columns, time_integral, quad_points, max_substeps)
+    check_method(method)
+    if prob.A0 is not None:  # a problem shipped without operator is checked where it gets one
+        choose_method(method, prob.A0, 0.0, k)  # method="rational" needs a sparse A0
     return param, _check_theta(theta, prob, param.theta_size(prob.n))
 
 
 def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points, a_norm, max_substeps,
-                     extras=None):
-    """Loss sum, dL/dd sum, accuracy record and ``extras`` (filled) of one chunk of columns."""
+                     extras=None, rational=None):
+    """Loss sum, dL/dd sum, accuracy record and ``extras`` (filled) of one chunk of columns.
+
+    rational : None (polynomial Krylov) or (ShiftInvert, ShiftInvertSpace).
+    """
     xp, n = prob.xp, prob.n
     forcing, u0, make_apply, apply_T = chunk_operators(prob, d, cols)
+    space, symmetric = None, prob.symmetric
+    if rational is not None:  # the same marches on (I - gamma Â)^{-1}, full Arnoldi
+        make_apply, apply_T = shift_invert_operators(rational[0], forcing)
+        space, symmetric = rational[1], False
     # The augmented operator inherits Lanczos structure only from a zero start: u0 = e_{n+1}.
     horizon = prob.loss.obs_times[-1]
     keep_bytes = memory_budget(xp) // 2
     states, intervals, acc = march_forward(
         make_apply, u0, prob.loss.obs_times, horizon, k, rtol, keep_bytes,
-        prob.symmetric and prob.x0 is None, forcing_norms=to_numpy(xp.linalg.norm(forcing, axis=1)),
-        a_norm=a_norm, max_substeps=max_substeps)
+        symmetric and prob.x0 is None, forcing_norms=to_numpy(xp.linalg.norm(forcing, axis=1)),
+        a_norm=a_norm, max_substeps=max_substeps, space=space)
     loss, jumps = prob.loss.evaluate(states, cols)
     grad_d = march_adjoint(make_apply, apply_T, intervals, jumps, n, horizon, k, rtol, acc,
-                           time_integral, quad_points, prob.symmetric, max_substeps, extras)
+                           time_integral, quad_points, symmetric, max_substeps, extras, space)
     return float(loss.sum()), grad_d, acc, extras
 
 

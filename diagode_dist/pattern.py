@@ -169,12 +169,13 @@ class AdjointExtras:
         self.pattern, self.integral, self.n = pattern, integral, n
         self.weights = self.forcing = self.initial = None
 
-    def substep(self, columns, adj, M, fwd, sigma):
+    def substep(self, columns, adj, M, fwd, sigma, operator=None):
         """One adjoint sub-step of the chunk's columns ``columns`` (host ints).
 
         adj : adjoint Projection (basis (ma, c_q, n)); M : (c_q, ma, mf) the Van Loan block
         with the norms applied; fwd : forward Projection of those columns (basis (mf, c_q, N));
-        sigma : (c_q,) host step lengths.
+        sigma : (c_q,) host step lengths; operator : (c_q, ma, ma) the projected adjoint
+        operator (default adj's Hessenberg; another space recovers it from its own).
         """
         xp = array_module(M)
         if self.pattern is not None:
@@ -182,15 +183,16 @@ class AdjointExtras:
             part = sampled_product(P, fwd.basis[:, :, : self.n], self.pattern)
             self.weights = part if self.weights is None else self.weights + part
         if self.integral:
-            self._add_integral(xp, columns, adj, sigma)
+            self._add_integral(xp, columns, adj, sigma,
+                               adj.square if operator is None else operator)
 
-    def _add_integral(self, xp, columns, adj, sigma):
+    def _add_integral(self, xp, columns, adj, sigma, operator):
         """int_0^sigma lambda dt = W gamma sigma phi1(sigma G) e1: the top-right column of
         exp([[sigma G, e1], [0, 0]]) is phi1(sigma G) e1."""
-        c, m = adj.norms.shape[0], adj.square.shape[-1]
+        c, m = adj.norms.shape[0], operator.shape[-1]
         tau = xp.asarray(sigma, dtype=adj.norms.dtype)
         block = xp.zeros((c, m + 1, m + 1), dtype=adj.norms.dtype)
-        block[:, :m, :m] = tau[:, None, None] * adj.square
+        block[:, :m, :m] = tau[:, None, None] * operator
         block[:, 0, m] = 1.0
         coeffs = expm_batched(block)[:, :m, m] * (adj.norms * tau)[:, None]
         part = basis_combine(adj.basis, coeffs)  # (c_q, n)
