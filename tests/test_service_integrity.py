@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from distributed.protocol.serialize import ToPickle
+from test_service_faults import StallingParam
 
 import diagode_dist as dd
 from diagode_dist.service import attach, list_runs, submit
@@ -370,22 +371,11 @@ def test_a_stopped_worker_is_replaced_and_the_run_ends_with_the_same_bits(proble
         assert np.array_equal(again[0], undisturbed[0])
 
 
-class _SlowParam(dd.SoftplusParam):
-    """Softplus whose every evaluation takes ``delay`` seconds: every shard is slow alike."""
-
-    def __init__(self, delay: float):
-        self.delay = delay
-
-    def diag_from_theta(self, theta):
-        time.sleep(self.delay)
-        return super().diag_from_theta(theta)
-
-
 def test_when_every_worker_is_slow_none_is_removed(client, problems):
     """Stalls on all workers at once are not one bad worker: removing them all would lose
     the cluster, so the run just goes on (and step_timeout stays the limit)."""
     prob = problems[0]
-    run = submit(client, prob, np.zeros(prob.n), param=_SlowParam(1.0), n_shards=2,
+    run = submit(client, prob, np.zeros(prob.n), param=StallingParam(1.0), n_shards=2,
                  stall_timeout=0.3, **{**TRAIN, "epochs": 1})
     theta, _ = run.wait(60)
     assert run.status()["shard_restarts"] == [0, 0]
