@@ -313,13 +313,16 @@ class ParameterServer(SchedulerPlugin):
         run.notify()
 
     def _finish(self, run: Run) -> None:
-        """Last step done: write the final checkpoint, then report "finished"."""
+        """Last step done: write the final checkpoint, free the folder, report "finished"."""
         task = self._write_checkpoint(run) if run.checkpoint_path else None
 
         async def finish_after_write():
             if task is not None:
                 await asyncio.wait([task])  # a failed write has failed the run
             if run.status == "running":
+                if run.lock is not None:  # free once "finished" is seen; renewals stop first
+                    run.lock = None
+                    await self._release_after_writes(run)
                 self._end(run, "finished")
 
         self.in_background(finish_after_write())
@@ -334,8 +337,7 @@ class ParameterServer(SchedulerPlugin):
         self._end(run, "failed")
 
     def _end(self, run: Run, status: str) -> None:
-        run.status = status
-        run.ended = time.time()
+        run.status, run.ended = status, time.time()
         run.pushes = {}
         run.opt_state = None  # pending checkpoint writes hold their own reference
         run.ended_event.set()
