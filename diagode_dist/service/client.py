@@ -41,7 +41,7 @@ from diagode_dist.param import as_operator_param
 from diagode_dist.problem import Problem
 from diagode_dist.service.checkpoint import CheckpointError
 from diagode_dist.service.inputs import DaskProblem
-from diagode_dist.service.plugin import install
+from diagode_dist.service.plugin import install, install_on_workers
 from diagode_dist.service.protocol import (
     RunSpec,
     RunStatus,
@@ -233,6 +233,7 @@ def _submit(caller: str, client, problem, theta0, param, options, checkpoint_dir
         fingerprint={"problem": _fingerprint(problem), "param": _param_name(options)})
     token = secrets.token_urlsafe(24)
     install(client)
+    install_on_workers(client)
     created = _call(client, "diagode_create_run", spec=spec.to_wire(), theta0=ToPickle(theta0),
                     token=token)
     if "error" in created:
