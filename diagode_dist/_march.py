@@ -423,10 +423,10 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
             M = van_loan(G, H, steps, y_start)
         else:
             M = trapezoid(G, H, steps, y_start, quad_points)
-        M = M * (adj.norms * y_norm)[:, None, None]
-        grad += _contract(adj.basis, M, sub.basis[:, :, :n])
-        if extras is not None:
-            extras.substep(iv.columns[active], adj, M, sub, sigma, G)
+        WM = _products(adj.basis, M * (adj.norms * y_norm)[:, None, None])
+        if extras is not None:  # reads W M before the diagonal reuses it in place
+            extras.substep(iv.columns[active], adj, WM, sub, sigma, G)
+        grad += _diagonal_sum(WM, sub.basis[:, :, :n])
         lam[rows] = combine(adj.basis, z)
         elapsed[active] = np.where(reached, iv.tau[active], elapsed[active] + sigma)
         active = active[~reached]
@@ -468,6 +468,15 @@ def _contract(adjoint_basis, M, forward_basis):
     """sum_c rowsum((W_c M_c) ⊙ V_c): W (ma, c, n), M (c, ma, mf), V (mf, c, n) -> (n,).
     The bases are read where they lie (no transposed copies); W M is the one (c, mf, n)
     temporary, multiplied in place."""
-    WM = basis_combine(adjoint_basis, M.transpose(0, 2, 1))  # (c, mf, n)
+    return _diagonal_sum(_products(adjoint_basis, M), forward_basis)
+
+
+def _products(adjoint_basis, M):
+    """W_c M_c per column, as rows: W (ma, c, n), M (c, ma, mf) -> (c, mf, n)."""
+    return basis_combine(adjoint_basis, M.transpose(0, 2, 1))
+
+
+def _diagonal_sum(WM, forward_basis):
+    """sum_c rowsum(WM_c ⊙ V_c) (n,), V (mf, c, n); WM is overwritten."""
     WM *= forward_basis.transpose(1, 0, 2)
     return WM.sum(axis=(0, 1))

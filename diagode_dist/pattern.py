@@ -169,18 +169,18 @@ class AdjointExtras:
         self.pattern, self.integral, self.n = pattern, integral, n
         self.weights = self.forcing = self.initial = None
 
-    def substep(self, columns, adj, M, fwd, sigma, operator=None):
+    def substep(self, columns, adj, WM, fwd, sigma, operator=None):
         """One adjoint sub-step of the chunk's columns ``columns`` (host ints).
 
-        adj : adjoint Projection (basis (ma, c_q, n)); M : (c_q, ma, mf) the Van Loan block
-        with the norms applied; fwd : forward Projection of those columns (basis (mf, c_q, N));
+        adj : adjoint Projection (basis (ma, c_q, n)); WM : (c_q, mf, n) the adjoint basis times
+        the Van Loan block with the norms applied (what the diagonal gradient is summed from);
+        fwd : forward Projection of those columns (basis (mf, c_q, N));
         sigma : (c_q,) host step lengths; operator : (c_q, ma, ma) the projected adjoint
         operator (default adj's Hessenberg; another space recovers it from its own).
         """
-        xp = array_module(M)
+        xp = array_module(WM)
         if self.pattern is not None:
-            P = basis_combine(adj.basis, M.transpose(0, 2, 1))  # (c_q, mf, n), basis read in place
-            part = sampled_product(P, fwd.basis[:, :, : self.n], self.pattern)
+            part = sampled_product(WM, fwd.basis[:, :, : self.n], self.pattern)
             self.weights = part if self.weights is None else self.weights + part
         if self.integral:
             self._add_integral(xp, columns, adj, sigma,
