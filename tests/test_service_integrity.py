@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from distributed.protocol.serialize import ToPickle
-from test_service_faults import StallingParam
+from test_service_faults import StallingParam, _wait_for_step
 
 import diagode_dist as dd
 from diagode_dist.service import attach, list_runs, submit
@@ -35,15 +35,6 @@ TRAIN = {"epochs": 4, "lr": 2e-2, "batch_size": 8, "seed": 7}
 def problems():
     """Two problems of one shape that differ only in A0 (and F)."""
     return dd.demo_problem(n=36, S=24, seed=4), dd.demo_problem(n=36, S=24, seed=5)
-
-
-def _wait_for_step(run, step, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while (status := run.status())["step"] < step:
-        assert status["status"] == "running", status["error"]
-        assert time.monotonic() < deadline, f"run stuck at step {status['step']}"
-        time.sleep(0.01)
-    return status
 
 
 def _relative(a, b):
