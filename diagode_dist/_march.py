@@ -187,10 +187,11 @@ def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, 
     # A state that underflows to zero (strong decay, float32) is measured against the start.
     size = xp.where(size > 0, size, norms)
     finite = xp.isfinite(y).all(axis=1) & xp.isfinite(size) & xp.isfinite(err)
-    growth_limit = _GROWTH_LIMIT if space is None else space.growth_limit
+    growth_limit, safety = ((_GROWTH_LIMIT, _SAFETY) if space is None
+                            else (space.growth_limit, space.safety))
     finite &= xp.linalg.norm(y, axis=1) <= growth_limit * norms
     scale = xp.where(size > 0, size, 1.0)
-    trunc = xp.where(finite, _SAFETY * err / scale, xp.inf)
+    trunc = xp.where(finite, safety * err / scale, xp.inf)
     floor = xp.where(finite, floor / scale, xp.inf)
     return y, Estimate(to_numpy(trunc).astype(float), to_numpy(floor).astype(float), eps)
 
@@ -399,6 +400,7 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
     """
     xp = array_module(lam)
     grad = xp.zeros(n, dtype=lam.dtype)
+    step_rtol = rtol if space is None else rtol * space.adjoint_share
     elapsed = np.zeros(iv.columns.size)  # adjoint time covered, from the interval's end
     active = np.arange(iv.columns.size)
     while active.size:
@@ -407,9 +409,9 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
         remaining = iv.tau[active] - elapsed[active]
         start = lam[rows]
         norms = xp.linalg.norm(start, axis=1)
-        accept = _Acceptor(norms, remaining, rtol, T, n, space)
+        accept = _Acceptor(norms, remaining, step_rtol, T, n, space)
         adj = arnoldi(apply_T, start, k, symmetric=symmetric, accept=accept)
-        sigma, z, est = _choose_steps(adj, accept, remaining, T, rtol, n)
+        sigma, z, est = _choose_steps(adj, accept, remaining, T, step_rtol, n)
         acc.adjoint_steps += 1
         acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
         reached = sigma >= remaining

@@ -33,6 +33,7 @@ from .rational import (
     ShiftInvertSpace,
     check_method,
     choose_method,
+    rightmost_estimate,
     shift_for,
     shift_invert_operators,
     substep_limit,
@@ -158,7 +159,7 @@ def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, ti
     elif method == "rational":
         # one factorization for every chunk, column, step and (transposed) the adjoint
         parts = run_chunks(_shift_invert(op_prob, d), max_substeps)
-    else:  # chosen by the a-priori model: give up early where its sub-steps pile up
+    else:  # chosen by the a-priori model: the polynomial path takes over where it fails
         try:
             parts = run_chunks(_shift_invert(op_prob, d),
                                substep_limit(max_substeps, len(prob.loss.obs_times)))
@@ -250,9 +251,10 @@ def operator_norm(prob, d) -> float:
 
 
 def _shift_invert(prob, d):
-    """(factorization of I - gamma A, its space) for the rational method."""
+    """(factorization of I - gamma (A - mu I), its space) for the rational method."""
     gamma = shift_for(prob.loss.obs_times)
-    return ShiftInvert(prob.A0, d, gamma), ShiftInvertSpace(gamma)
+    shift = rightmost_estimate(prob.A0, d, gamma)
+    return ShiftInvert(prob.A0, d, gamma, shift), ShiftInvertSpace(gamma, shift)
 
 
 def check_inputs(prob, theta, param=None, k=30, rtol=DEFAULT_RTOL, max_chunk_columns=None,

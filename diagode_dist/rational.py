@@ -6,10 +6,16 @@ dimension 10-20 covers a whole interval where a polynomial space needs sub-steps
 tau ||A|| of order k. Its price is one sparse LU factorization of I - gamma A per call, shared
 by every column, every step and (transposed) the adjoint, and batched triangular solves.
 
-Arnoldi is run on S = (I - gamma Â)^{-1} (``krylov.arnoldi`` with the solve as the operator), so
-S V_m = V_m H_m + h v_{m+1} e_m^T; the projected operator is recovered as
+Arnoldi is run on S = (I - gamma (Â - mu I))^{-1} (``krylov.arnoldi`` with the solve as the
+operator), so S V_m = V_m H_m + h v_{m+1} e_m^T; the projected operator is recovered as
 
-    A_m = (I - H_m^{-1}) / gamma                                  (m x m per column)
+    A_m = mu I + (I - H_m^{-1}) / gamma                           (m x m per column)
+
+The pole 1/gamma + mu must lie to the right of A's spectrum: the convergence theory assumes a
+spectrum in the left half-plane, and a pole among the eigenvalues makes the space erratic
+(measured on the 128 x 128 grid below, whose rightmost eigenvalue is 31/T: the error rose to
+1e140 at dimension 32 with mu = 0). ``rightmost_estimate`` gives mu: 0 where a Gershgorin
+bound proves A dissipative, else the rightmost Ritz value of a short shift-and-invert Arnoldi.
 
 and everything downstream (sub-steps, observation times, the Van Loan integral, the diagonal
 gradient) works on A_m exactly as on the polynomial Hessenberg.
@@ -36,11 +42,13 @@ METHODS = ("auto", "polynomial", "rational")
 
 _LAG = 2
 """The estimate compares dimensions m and m - _LAG."""
-_GAMMA_FRACTION = 0.05
-"""Shift gamma = _GAMMA_FRACTION x the longest interval between observation times (measured
-on 2-D diffusion, n = 4096, ||TA|| = 5000, rtol 1e-8: dimension 18 at 0.05, 20 at 0.02, 26 at
-0.1, 32 at 0.3; van den
-Eshof & Hochbruck 2006 recommend gamma of order tau / 10 for tolerances 1e-6 .. 1e-12)."""
+_GAMMA_FRACTION = 0.1
+"""Shift gamma = _GAMMA_FRACTION x the longest interval between observation times (van den
+Eshof & Hochbruck 2006 recommend gamma of order tau / 10 for tolerances 1e-6 .. 1e-12; measured
+with the pole shifted right of the spectrum, true error 1e-8 at dimension 10 / 14 / 16 on
+32^2 / 64^2 / 128^2 grids at 0.1, against 12 / 16 / 18 at 0.05 and 16 / 20 / 26 at 0.02)."""
+_ESTIMATE_STEPS = 20
+"""Dimension of the Arnoldi run that estimates the rightmost eigenvalue."""
 _RATIONAL_STEPS = 16
 """Sub-steps per observation interval of an automatically chosen rational march."""
 _RATIONAL_DIM = 16
@@ -99,8 +107,58 @@ def shift_for(obs_times) -> float:
     return _GAMMA_FRACTION * float(np.max(np.diff(times)))
 
 
+def _host_operator(A0, d):
+    """A = A0 + diag(d) as a SciPy CSC matrix on the host."""
+    host = A0.get() if hasattr(A0, "get") else A0
+    return sp.csc_matrix(host + sp.diags(to_numpy(d).astype(host.dtype)))
+
+
+def _abscissa_bound(A) -> float:
+    """An upper bound of max Re W(A), the field of values (Gershgorin on (A + A^H) / 2)."""
+    diag = A.diagonal().real
+    off = abs(A - sp.diags(A.diagonal()))
+    radius = 0.5 * (np.asarray(off.sum(axis=0)).ravel() + np.asarray(off.sum(axis=1)).ravel())
+    return float(np.max(diag + radius))
+
+
+def rightmost_estimate(A0, d, gamma: float) -> float:
+    """mu >= 0 for the pole 1/gamma + mu: 0 when A = A0 + diag(d) is provably dissipative,
+    else the largest real part among the Ritz values of a short shift-and-invert Arnoldi run
+    with its pole right of the Gershgorin bound of the field of values (eigenvalues near the
+    pole, i.e. the rightmost, converge first). A fixed start vector keeps it reproducible; an
+    estimate a little short of the true abscissa only moves the pole closer to the spectrum
+    (it stays right of it while the shortfall is below 1/gamma), and accuracy never rests on
+    it: the a-posteriori estimate still decides."""
+    A = _host_operator(A0, d)
+    bound = _abscissa_bound(A)
+    if not bound > 0.0:
+        return 0.0
+    factor = ShiftInvert(A0, to_numpy(d), gamma, bound)
+    rng = np.random.default_rng(0)
+    steps = min(_ESTIMATE_STEPS, A.shape[0] - 1)
+    basis = np.zeros((steps + 1, A.shape[0]), dtype=A.dtype)
+    hessenberg = np.zeros((steps + 1, steps), dtype=basis.dtype)
+    start = rng.standard_normal(A.shape[0])
+    basis[0] = start / np.linalg.norm(start)
+    for j in range(steps):
+        w = factor.solve(basis[j][None, :])[0]
+        for _ in range(2):  # CGS2
+            h = basis[: j + 1] @ w
+            w = w - h @ basis[: j + 1]
+            hessenberg[: j + 1, j] += h
+        hessenberg[j + 1, j] = np.linalg.norm(w)
+        if not hessenberg[j + 1, j] > 1e-12 * abs(hessenberg[: j + 1, j]).max():
+            steps = j + 1  # an invariant subspace: its Ritz values are eigenvalues
+            break
+        basis[j + 1] = w / hessenberg[j + 1, j]
+    ritz = np.linalg.eigvals(hessenberg[:steps, :steps])
+    ritz = ritz[np.abs(ritz) > 0]
+    eigen = bound + (1.0 - 1.0 / ritz) / gamma
+    return max(0.0, float(np.max(eigen.real))) if eigen.size else 0.0
+
+
 class ShiftInvert:
-    """One LU factorization of I - gamma A, A = A0 + diag(d), and batched solves with it.
+    """One LU factorization of I - gamma (A - mu I), A = A0 + diag(d), and batched solves.
 
     CPU: SciPy's SuperLU (``splu``). GPU: ``cupyx.scipy.sparse.linalg.splu`` (it factorizes on
     the host with SuperLU and solves on the device); the factorization is on the CPU either way.
@@ -108,14 +166,14 @@ class ShiftInvert:
     (measured on the n = 16384 grid: 0.08 s, about one solve of 64 columns).
     """
 
-    def __init__(self, A0, d, gamma: float):
+    def __init__(self, A0, d, gamma: float, shift: float = 0.0):
         xp = array_module(d)
-        self.xp, self.gamma, self.n = xp, float(gamma), A0.shape[0]
+        self.xp, self.gamma, self.shift, self.n = xp, float(gamma), float(shift), A0.shape[0]
         host = A0.get() if hasattr(A0, "get") else A0
-        d_host = to_numpy(d)
-        matrix = (sp.identity(self.n, dtype=host.dtype, format="csc")
-                  - self.gamma * (host + sp.diags(d_host.astype(host.dtype))))
-        matrix = sp.csc_matrix(matrix)
+        A = _host_operator(A0, d)
+        matrix = sp.csc_matrix((1.0 + self.gamma * self.shift)
+                               * sp.identity(self.n, dtype=A.dtype, format="csc")
+                               - self.gamma * A)
         # A structurally symmetric pattern (grids, diffusion) fills least with a minimum
         # degree order on A^T + A; otherwise COLAMD, SuperLU's default.
         order = "MMD_AT_PLUS_A" if _pattern_symmetric(host) else "COLAMD"
@@ -145,21 +203,22 @@ def shift_invert_operators(factor: ShiftInvert, forcing):
     """make_solve(rows, coupling) and solve_T, the shift-and-invert counterparts of the
     augmented operator and A^T (see adjoint's make_apply / apply_T).
 
-    forcing : (c, n) the chunk's f_j as rows. On u = [x; s] (rows (c_q, n + 1)):
-    (I - gamma Â)^{-1} [x; s] = [(I - gamma A)^{-1} (x + gamma s f coupling); s].
+    forcing : (c, n) the chunk's f_j as rows. On u = [x; s] (rows (c_q, n + 1)), with
+    B = I - gamma (A - mu I) and s' = s / (1 + gamma mu):
+    (I - gamma (Â - mu I))^{-1} [x; s] = [B^{-1} (x + gamma s' f coupling); s'].
     """
     xp = array_module(forcing)
     c, n = forcing.shape
-    gamma = factor.gamma
+    gamma, scale = factor.gamma, 1.0 / (1.0 + factor.gamma * factor.shift)
 
     def make_solve(rows, coupling):
         f_rows = forcing[xp.asarray(rows)] if rows.size < c else forcing
-        f_rows = f_rows * (gamma * coupling)[:, None]
+        f_rows = f_rows * (gamma * scale * coupling)[:, None]
 
         def solve(v):
             out = xp.empty_like(v)
             out[:, :n] = factor.solve(v[:, :n] + v[:, n:] * f_rows)
-            out[:, n] = v[:, n]
+            out[:, n] = scale * v[:, n]
             return out
 
         return solve
@@ -173,8 +232,9 @@ def shift_invert_operators(factor: ShiftInvert, forcing):
 class ShiftInvertSpace:
     """How the marches read a shift-and-invert projection (``space=`` of ``_march``).
 
-    The projections hold H_m, the Hessenberg of S = (I - gamma Â)^{-1}; ``operator`` gives
-    A_m = (I - H_m^{-1}) / gamma and ``exp_and_error`` the coefficients and error estimate.
+    The projections hold H_m, the Hessenberg of S = (I - gamma (Â - mu I))^{-1}; ``operator``
+    gives A_m = mu I + (I - H_m^{-1}) / gamma and ``exp_and_error`` the coefficients and error
+    estimate.
     """
 
     growth_limit = 1e60
@@ -184,8 +244,22 @@ class ShiftInvertSpace:
     shift-inverted operator, which lie in its field of values, so a non-normal H cannot push
     them far to the right."""
 
-    def __init__(self, gamma: float):
-        self.gamma = float(gamma)
+    safety = 1.0
+    """Factor on the estimate. The polynomial path's factor 3 corrects the Saad estimate, which
+    can sit below the true error; the lag-2 difference estimates the error of the space two
+    dimensions smaller, already an overestimate while the space converges (checked against the
+    exact reference in tests/test_rational.py), and a factor on top would multiply the
+    rounding noise of exp(tau A_m), ||tau A_m|| ~ ||tau A||, into a floor above rtol = 1e-12
+    (measured: dimension 52 where 22 suffices, then refused, on a 32 x 32 grid at ||TA|| =
+    5000)."""
+
+    adjoint_share = 0.8
+    """Share of rtol an adjoint step's Krylov estimate may take. The rest is kept for the
+    rounding of the step's Van Loan integral, 0.1 eps sigma ||A_m||_1, which for one step over
+    a whole interval grows with ||TA|| (the polynomial path's sub-steps keep it near k eps)."""
+
+    def __init__(self, gamma: float, shift: float = 0.0):
+        self.gamma, self.shift = float(gamma), float(shift)
 
     def operator(self, square, dims=None):
         """A_m (c, m, m) from H_m (c, m, m); zero beyond each column's dimension dims (c,)."""
@@ -199,7 +273,7 @@ class ShiftInvertSpace:
         padded = xp.where(keep, square, eye)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             inverse = xp.linalg.inv(padded)
-        return xp.where(keep, (eye - inverse) / self.gamma, 0.0)
+        return xp.where(keep, (eye - inverse) / self.gamma + self.shift * eye, 0.0)
 
     def exp_and_error(self, square, next_subdiag, norms, tau, dims=None):
         """y = beta exp(tau A_m) e1 (c, m) and err (c,) = ||y - y_{m-2}||, the difference to

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import diagode_dist as dd
 from diagode_dist import gallery
 from diagode_dist._array import gpu_available
-from diagode_dist.rational import choose_method
+from diagode_dist.rational import choose_method, rightmost_estimate, shift_for
 from diagode_dist.reference import exact_loss_and_grad, inverse_softplus, relative_error
 
 STIFF = ("laplacian_1d", "laplacian_1d_x0", "laplacian_2d_mse", "convection_diffusion",
@@ -200,3 +200,44 @@ def test_pattern_x0_and_forcing_gradients_on_the_rational_path():
     _, ref = exact_loss_and_grad(prob, theta, param, wrt=wrt)
     for name in wrt:
         assert relative_error(got[name], ref[name]) <= 1e-8, name
+
+
+def _pole_on_an_eigenvalue(m=120, S=4, seed=0):
+    """A 1-D Laplacian with a random potential, moved right until its second eigenvalue sits
+    at 1/gamma for gamma = shift_for(T), where an unshifted pole would make I - gamma A
+    singular; its rightmost eigenvalue is then positive (a growing mode)."""
+    h = 1.0 / (m + 1)
+    A0 = sp.diags([np.ones(m - 1), np.ones(m - 1)], [-1, 1], format="csr") / h**2
+    rng = np.random.default_rng(seed)
+    magnitude = (2.0 / h**2) * (1 + 0.1 * rng.uniform(-1, 1, m))
+    T = 3000 * h**2 / 4
+    eigenvalues = np.linalg.eigvalsh((A0 + sp.diags(-magnitude)).toarray())
+    magnitude -= 1.0 / shift_for([T]) - eigenvalues[-2]
+    prob = dd.Problem(A0, rng.standard_normal((m, S)), rng.integers(0, m, S), T=T, beta=1.0)
+    return prob, inverse_softplus(magnitude), eigenvalues[-1] - eigenvalues[-2] + 1 / shift_for([T])
+
+
+def test_the_pole_is_moved_right_of_the_spectrum():
+    """An eigenvalue at the unshifted pole: the shifted space converges as on a dissipative
+    operator, and the result is right against the exact reference."""
+    prob, theta, rightmost = _pole_on_an_eigenvalue()
+    gamma = shift_for([prob.T])
+    d = -np.logaddexp(0.0, theta)
+    estimate = rightmost_estimate(prob.A0, d, gamma)
+    assert rightmost - 0.5 / gamma <= estimate <= rightmost * (1 + 1e-8)
+    ref = exact_loss_and_grad(prob, theta, precise=False)
+    info = _check_against_reference(prob, theta, None, ref, 1e-8)
+    assert info["substeps"] == 1 and info["forward_dim"] <= 20, info
+
+
+def test_a_dissipative_operator_gets_no_shift():
+    """Gershgorin proves a 1-D Laplacian with absorption dissipative: mu = 0; with a potential
+    that makes some rows non-dissipative, mu is the (positive or zero) rightmost estimate."""
+    m = 200
+    A0 = sp.diags([np.ones(m - 1), np.ones(m - 1)], [-1, 1], format="csr")
+    absorbing = -2.0 * (1 + 0.05 * np.random.default_rng(0).uniform(0, 1, m))
+    assert rightmost_estimate(A0, absorbing, 0.1) == 0.0
+    lifted = absorbing + 0.5
+    expected = np.linalg.eigvalsh((A0 + sp.diags(lifted)).toarray()).max()
+    assert expected > 0  # the pole must move: short of the rightmost by far less than 1/gamma
+    assert expected - 0.01 / 0.1 <= rightmost_estimate(A0, lifted, 0.1) <= expected + 1e-9
