@@ -135,6 +135,26 @@ def _cublas_basis_product(basis, other, transpose):  # pragma: no cover - GPU on
     return out
 
 
+def visible_gpus() -> list[str]:
+    """PCI bus ids of the CUDA devices this process sees, in CuPy's device order ([] without
+    CuPy or a device): two processes name the same GPU alike whatever their
+    CUDA_VISIBLE_DEVICES."""
+    if _cupy is None:
+        return []
+    try:
+        count = _cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return []
+    return [_bus_id(ordinal) for ordinal in range(count)]
+
+
+def _bus_id(ordinal: int) -> str:
+    try:
+        return str(_cupy.cuda.Device(ordinal).pci_bus_id)
+    except Exception:  # pragma: no cover - an old CuPy or driver
+        return f"device-{ordinal}"
+
+
 def gpu_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
     if _cupy is None:

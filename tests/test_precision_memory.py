@@ -426,3 +426,38 @@ def test_float32_chunk_peak_within_prediction(monkeypatch):
         prob, theta.astype(np.float32), k=k, rtol=1e-3, max_chunk_columns=c))
     predicted = adjoint.predict_chunk_bytes(n, c, k, itemsize=4)
     assert peak <= predicted, f"peak {peak} B > predicted {predicted} B ({peak / predicted:.2f}x)"
+
+
+@pytest.mark.parametrize("k, times", [(8, 40), (8, 120)], ids=["k8-40-times", "k8-120-times"])
+def test_observed_states_and_jumps_are_predicted(monkeypatch, k, times):
+    """MSE at many observation times: the observed states, their adjoint jumps and the
+    intervals' start vectors (m (c, n) each) are in predict_chunk_bytes (they were not: the
+    peak was 2.9x / 8.7x the prediction)."""
+    n, c = 400, 4
+    prob, theta = _mse_many_times(n=n, S=c, times=times)
+    monkeypatch.setattr(adjoint, "memory_budget", lambda xp: 0)
+    held = {}
+    original = adjoint.march_forward
+
+    def recording(*args, **kwargs):
+        states, intervals, acc = original(*args, **kwargs)
+        held["states"] = states.nbytes
+        held["starts"] = sum(iv.start.nbytes for iv in intervals)
+        return states, intervals, acc
+
+    monkeypatch.setattr(adjoint, "march_forward", recording)
+    peak, _ = _traced_peak(lambda: dd.loss_and_grad(prob, theta, k=k, max_chunk_columns=c))
+    predicted = adjoint.predict_chunk_bytes(n, c, k, observations=times)
+    one_time = adjoint.predict_chunk_bytes(n, c, k)
+    # states + jumps (same size) + starts, measured, within what the observations add
+    assert 2 * held["states"] + held["starts"] <= predicted - one_time + 20 * (n + 1) * 8 * c
+    assert peak <= predicted, f"peak {peak} B > predicted {predicted} B ({peak / predicted:.2f}x)"
+    assert peak > 2 * one_time  # what the prediction without them missed
+
+
+def test_default_chunk_counts_the_observation_times(monkeypatch):
+    """Chunks sized with the observations counted (without them: 8 columns, 2.7x too many)."""
+    prob, _ = _mse_many_times(n=400, S=4, times=40)
+    budget = 2 * adjoint.predict_chunk_bytes(400, 4, 8, observations=40)
+    monkeypatch.setattr(adjoint, "memory_budget", lambda xp: budget)
+    assert adjoint._default_chunk(prob, 8) == 4
