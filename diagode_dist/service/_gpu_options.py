@@ -77,25 +77,29 @@ def plan_devices(workers: dict[str, dict], n_shards: int) -> list[tuple[str, int
     """(device, concurrent shards on that device) of each shard, placed round robin on the
     sorted workers as the client submits them.
 
-    workers: ``cluster_devices``' answer. Every worker sees a GPU: each shard takes one of its
-    worker's GPUs in turn ("gpu" when every worker sees exactly one, else "gpu:<i>" with i below
-    the smallest count, so that it exists wherever the shard moves); otherwise (no GPU, or only
-    some workers with one) every shard computes on the CPU, "cpu". The count divides the memory
-    budget: shards of one worker process take turns on a GPU (so it counts the processes with a
-    shard on that GPU), and on a host's CPU they all compute at once (so it counts them all).
+    workers: ``cluster_devices``' answer. Every worker sees a GPU: when each has its own first
+    one and its host has a worker per GPU it sees (dask-cuda's pinning), "gpu"; else the
+    shards take the GPUs their worker sees in turn, starting at its position ("gpu:<i>", i
+    below the smallest count, so that it exists wherever the shard moves). Otherwise (no GPU,
+    or only some workers with one) every shard computes on the CPU, "cpu". The count divides
+    the memory budget: shards of one worker process take turns on a GPU (so it counts the
+    processes with a shard on that GPU), and on a host's CPU they all compute at once (so it
+    counts them all).
     """
     addresses = sorted(workers)
     if not addresses:
         raise ValueError("the cluster has no workers yet: the shards' device (CPU or GPU) is "
                          "chosen from its workers; wait for them (client.wait_for_workers(n))")
     per_worker = min(len(workers[address]["gpus"]) for address in addresses)
+    pinned = per_worker > 0 and _one_worker_per_gpu(workers)
     placed, turns = [], collections.Counter()
     for shard in range(n_shards):
-        address = addresses[shard % len(addresses)]
+        position = shard % len(addresses)
+        address = addresses[position]
         if per_worker:
-            index = turns[address] % per_worker
+            index = 0 if pinned else (turns[address] + position) % per_worker
             turns[address] += 1
-            device = "gpu" if per_worker == 1 else f"gpu:{index}"
+            device = "gpu" if pinned or per_worker == 1 else f"gpu:{index}"
             placed.append((device, workers[address]["gpus"][index], address))
         else:
             placed.append(("cpu", workers[address]["host"], address))
@@ -103,6 +107,15 @@ def plan_devices(workers: dict[str, dict], n_shards: int) -> list[tuple[str, int
     for shard, (_, where, address) in enumerate(placed):
         sharing[where].add(address if per_worker else shard)
     return [(device, len(sharing[where])) for device, where, _ in placed]
+
+
+def _one_worker_per_gpu(workers: dict[str, dict]) -> bool:
+    """True when on every host the workers see different first GPUs, one worker per GPU."""
+    hosts = collections.defaultdict(list)
+    for reply in workers.values():
+        hosts[reply["host"]].append(reply["gpus"])
+    return all(len({gpus[0] for gpus in seen}) == len(seen) >= max(map(len, seen))
+               for seen in hosts.values())
 
 
 def resolve_device(device: str, visible: int) -> int | None:
