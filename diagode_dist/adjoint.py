@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from ._array import array_module, is_sparse, to_module, to_numpy
+from ._array import array_module, is_sparse, row_product, to_module, to_numpy
 from ._checks import check_int
 from ._march import MAX_SUBSTEPS, Accuracy, march_adjoint, march_forward
 from .errors import AccuracyError
@@ -306,6 +306,7 @@ def chunk_operators(prob, d, cols):
     if prob.x0 is not None:
         u0[:, :n] = prob.x0[:, xp.asarray(cols)].T
     u0[:, n] = 1.0
+    A0_rows = row_product(prob.A0, n + 1)  # A0 x of rows [x, s], read where they lie
 
     def make_apply(rows, coupling):
         f_rows = forcing[xp.asarray(rows)] if rows.size < cols.size else forcing
@@ -314,7 +315,7 @@ def chunk_operators(prob, d, cols):
         def apply(v):  # augmented operator [[A, f / eta], [0, 0]] on rows v = [x, s]
             x = v[:, :n]
             out = xp.empty_like(v)
-            out[:, :n] = (prob.A0 @ x.T).T + d * x + v[:, n:] * f_rows
+            out[:, :n] = A0_rows(v) + d * x + v[:, n:] * f_rows
             out[:, n] = 0.0
             return out
 

@@ -7,7 +7,7 @@ matrix's result does not depend on which other matrices share the stack.
 
 from __future__ import annotations
 
-from ._array import array_module
+from ._array import array_module, solve_stack
 
 # Padé-13 coefficients b_0..b_13 and the 1-norm bound theta_13 (Higham 2005, Table 2.3).
 _B = (
@@ -64,7 +64,7 @@ def _pade13(a, xp):
     u = a @ (a6 @ (b[13] * a6 + b[11] * a4 + b[9] * a2) + b[7] * a6 + b[5] * a4 + b[3] * a2
              + b[1] * eye)
     v = a6 @ (b[12] * a6 + b[10] * a4 + b[8] * a2) + b[6] * a6 + b[4] * a4 + b[2] * a2 + b[0] * eye
-    return xp.linalg.solve(v - u, v + u)
+    return solve_stack(v - u, v + u)
 
 
 def expm_block_upper(a, b, d):
@@ -120,7 +120,7 @@ def _pade13_block(x, xp):
     v = _block_comb((1.0, inner_v), (b[6], x6), (b[4], x4), (b[2], x2), (b[0], eye))
     lhs = _block_comb((1.0, v), (-1.0, u))
     rhs = _block_comb((1.0, v), (1.0, u))
-    ed = xp.linalg.solve(lhs[2], rhs[2])
-    ea = xp.linalg.solve(lhs[0], rhs[0])
-    eb = xp.linalg.solve(lhs[0], rhs[1] - lhs[1] @ ed)
+    ed = solve_stack(lhs[2], rhs[2])
+    ea = solve_stack(lhs[0], rhs[0])
+    eb = solve_stack(lhs[0], rhs[1] - lhs[1] @ ed)
     return ea, eb, ed
