@@ -549,3 +549,31 @@ def test_the_numerics_solve_only_through_solve_stack():
                  if path.name not in ("_array.py", "reference.py")
                  and "linalg.solve(" in path.read_text()]
     assert offenders == []
+
+
+def test_squarings_cost_no_host_sync_each(monkeypatch):
+    """The squarings of a stack whose matrices need 0..6 of them: the same floats as squaring
+    each matrix on its own, with one transfer of the counts (no nonzero() per squaring, each
+    a host sync on a GPU)."""
+    import scipy.linalg
+
+    from diagode_dist import expm
+
+    rng = np.random.default_rng(30)
+    scales = np.array([0.01, 1.0, 30.0, 200.0, 5.0, 0.3])
+    a = rng.standard_normal((6, 10, 10)) / 10 * scales[:, None, None]
+    calls = []
+    original = np.nonzero
+    monkeypatch.setattr(np, "nonzero", lambda *args: calls.append(1) or original(*args))
+    stack = expm.expm_batched(a)
+    ea, eb = expm.expm_block_upper(a, a[::-1].copy(), a)
+    monkeypatch.undo()
+    assert calls == []
+    for i in range(6):
+        alone = expm.expm_batched(a[i:i + 1])[0]
+        assert np.array_equal(stack[i], alone)  # a matrix's result does not depend on others
+        np.testing.assert_allclose(stack[i], scipy.linalg.expm(a[i]), rtol=0,
+                                   atol=1e-11 * np.abs(stack[i]).max())
+        block = scipy.linalg.expm(np.block([[a[i], a[5 - i]], [np.zeros((10, 10)), a[i]]]))
+        np.testing.assert_allclose(eb[i], block[:10, 10:], rtol=0,
+                                   atol=1e-11 * np.abs(block).max())
