@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU acceptance check of diagode-dist: install, environment, GPU tests, probes, a
 # LocalCUDACluster demo and the roofline benchmark; one JSON + Markdown report. About 5-8 min
-# on one H100/H200; each step has a time limit (at most 11 min together after the install).
+# on one H100/H200; each step has a time limit (under 10 min together after the install).
 #
 # Usage (from the repository root):
 #   bash benchmarks/gpu_check.sh [--out DIR] [--install MODE] [--dry-run]
@@ -120,7 +120,7 @@ if ! (cd / && "$PY" -c "import diagode_dist" 2>/dev/null); then
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     say "diagode_dist is not installed: using the checkout $PWD on PYTHONPATH"
 fi
-step environment 60 environment
+step environment 45 environment
 GPU_LINE=$("$PY" -m benchmarks.gpu_probes detect 2>&1 | tail -n 1)
 [[ $GPU_LINE == "GPU:"* || $GPU_LINE == "no GPU:"* ]] || GPU_LINE="no GPU: $GPU_LINE"
 say "$GPU_LINE"
@@ -158,17 +158,18 @@ if [[ $MODE == "no GPU" ]]; then
 fi
 
 # The GPU tests (they skip, with reasons, without a GPU).
-step pytest-gpu 180 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider \
+step pytest-gpu 170 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider \
     --junitxml="$OUT/pytest-gpu.xml"
-# Probes: CGS2 step memory and time, chunk stability, MSE with 40 observation times.
+# Probes: CGS2 step memory and time, chunk stability, MSE with 40 observation times, the
+# batched solve above 256.
 step probes 120 "$PY" -m benchmarks.gpu_probes run --json "$OUT/probes.json" --device "$DEVICE" \
-    "${SMALL[@]}" --probes env,cgs2_step,chunk,mse_obs
+    "${SMALL[@]}" --probes env,cgs2_step,chunk,mse_obs,large_solve
 # The demo problem on a one-worker LocalCUDACluster (a LocalCluster in a dry run).
 step demo 90 "$PY" -m benchmarks.gpu_probes run --json "$OUT/probes.json" --device "$DEVICE" \
     "${SMALL[@]}" --probes demo
 # The roofline benchmark (prints a skip line without a GPU).
 if [[ $DEVICE == cuda ]]; then
-    step roofline 180 bash -c "set -o pipefail; '$PY' -m benchmarks --cases none --gpu \
+    step roofline 150 bash -c "set -o pipefail; '$PY' -m benchmarks --cases none --gpu \
         --markdown --repeat 3 --peer-budget 45 | tee '$OUT/roofline.md'"
 else
     step roofline 120 bash -c "set -o pipefail; '$PY' -m benchmarks --cases none --gpu \

@@ -16,8 +16,11 @@
   at n = 1e6 (stable chunks keep repeated calls bit for bit), and whether two calls agree;
 - ``mse_obs``: MSE with 40 observation times at n = 2.5e5: the peak memory held against the
   bases the marching counted (and the bytes those bases really own);
+- ``large_solve``: the Padé solve at Krylov dimension 300 (a stack of 301-square matrices):
+  one batched LU against CuPy's own ``linalg.solve`` (a host loop above 256);
 - ``demo``: the demo problem trained on a one-worker ``local_cluster(gpu=True)``
-  (LocalCUDACluster), compared with ``dd.fit`` on the CPU.
+  (LocalCUDACluster), compared with ``dd.fit`` on the CPU, with the device each shard
+  reported.
 
 Peak memory is measured with a CuPy memory hook on the device (bytes handed out by the pool)
 and with ``tracemalloc`` on the CPU (NumPy reports its buffers to it). ``--device cpu --small``
@@ -60,6 +63,7 @@ CHUNK_COLUMNS = {False: 64, True: 8}
 MSE_GRID = {False: 500, True: 40}
 MSE_COLUMNS = {False: 8, True: 4}
 MSE_TIMES = 40
+LARGE_SOLVE = {False: (32, 301), True: (4, 301)}  # (c, s): Krylov dimension 300, augmented
 K = 30
 
 
@@ -306,7 +310,8 @@ def probe_mse_obs(device: str, small: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "n": n, "S": S, "k": K, "obs_times": MSE_TIMES, "loss": float(loss),
         "seconds": seconds, "peak_bytes": int(meter.peak),
-        "predicted_chunk_bytes": int(adjoint.predict_chunk_bytes(n, S, K)),
+        "predicted_chunk_bytes": int(adjoint.predict_chunk_bytes(n, S, K,
+                                                                 observations=MSE_TIMES)),
         "targets_bytes": int(targets.nbytes), **seen,
     }
     counted = out.get("kept_bytes_counted")
@@ -347,6 +352,7 @@ def probe_demo(device: str, small: bool) -> dict[str, Any]:
     from distributed import Client
 
     import diagode_dist as dd
+    from diagode_dist.service import submit
     from diagode_dist.service.cluster import local_cluster
 
     prob = dd.demo_problem(n=64 if small else 256, S=16 if small else 64)
@@ -355,20 +361,45 @@ def probe_demo(device: str, small: bool) -> dict[str, Any]:
     with local_cluster(n_workers=1, gpu=device != "cpu") as cluster, Client(cluster) as client:
         kind = type(cluster).__name__
         started = time.perf_counter() - start
-        theta, history = dd.fit_distributed(client, prob, np.zeros(prob.n), n_shards=1,
-                                            **options)
+        run = submit(client, prob, np.zeros(prob.n), n_shards=1, **options)
+        theta, history = run.wait(timeout=300)
+        devices = [t.get("device") for t in run.status()["shard_timings"]]
     seconds = time.perf_counter() - start
     theta_ref, history_ref = dd.fit(prob, np.zeros(prob.n), **options)
     difference = float(np.linalg.norm(np.asarray(theta) - theta_ref)
                        / max(np.linalg.norm(theta_ref), 1e-300))
-    return {"cluster": kind, "n": prob.n, "S": prob.S, **options, "seconds_total": seconds,
+    return {"cluster": kind, "shard_devices": devices, "n": prob.n, "S": prob.S, **options,
+            "seconds_total": seconds,
             "seconds_cluster_start": started, "final_loss": float(history[-1]),
             "final_loss_fit": float(history_ref[-1]), "theta_rel_diff_vs_fit": difference}
 
 
+def probe_large_solve(device: str, small: bool) -> dict[str, Any]:
+    """The Padé solve of a stack of Krylov dimension 300 (above CuPy's batched-LU limit of
+    256): one batched LU (``_array.solve_stack``) against the module's own ``linalg.solve``
+    (a host loop over the stack on CuPy there)."""
+    from diagode_dist._array import solve_stack
+
+    xp = _xp(device)
+    c, s = LARGE_SOLVE[small]
+    rng = np.random.default_rng(2)
+    a = xp.asarray(rng.standard_normal((c, s, s)) + s ** 0.5 * 3 * np.eye(s))
+    b = xp.asarray(rng.standard_normal((c, s, s)))
+    out: dict[str, Any] = {"stack": [c, s, s]}
+    for name, solve in (("solve_stack", solve_stack), ("module_solve", xp.linalg.solve)):
+        solve(a, b)  # warm-up
+        _sync(xp)
+        start = time.perf_counter()
+        x = solve(a, b)
+        _sync(xp)
+        out[f"seconds_{name}"] = time.perf_counter() - start
+        out[f"residual_{name}"] = float(xp.abs(a @ x - b).max())
+    return out
+
+
 PROBES: dict[str, Callable[[str, bool], dict[str, Any]]] = {
     "env": probe_env, "cgs2_step": probe_cgs2_step, "chunk": probe_chunk,
-    "mse_obs": probe_mse_obs, "demo": probe_demo,
+    "mse_obs": probe_mse_obs, "large_solve": probe_large_solve, "demo": probe_demo,
 }
 
 

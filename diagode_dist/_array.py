@@ -56,6 +56,62 @@ def sparse_to_module(A, xp):
     return _cusp.csr_matrix(_sp.csr_matrix(A))
 
 
+def row_product(A, width: int):
+    """``product(v)`` = rows of A x for rows v = [x, rest] (c, width), x = v[:, :n]: A (n, n)
+    dense or sparse, width >= n. Returns (c, n).
+
+    A sparse CSR A is widened once to (n, width) by zero columns that share its arrays, so the
+    product takes v.T, an F-ordered view of contiguous rows, as it lies: cupyx hands a dense
+    operand to cuSPARSE through ``asfortranarray``, which copied the strided x.T (c n per
+    product, as much memory traffic as the product itself). A dense A takes x.T where it lies
+    (BLAS reads it with a leading dimension; a copy on CuPy is c n next to its c n^2 product).
+    """
+    n = A.shape[1]
+    if is_sparse(A) and getattr(A, "format", None) == "csr" and width > n:
+        wide = type(A)((A.data, A.indices, A.indptr), shape=(A.shape[0], width), copy=False)
+
+        def product(v):
+            return (wide @ v.T).T
+    else:
+        def product(v):
+            return (A @ v[:, :n].T).T
+    return product
+
+
+def solve_stack(a, b):
+    """x with a[i] x[i] = b[i] for a stack: a (c, s, s), b (c, s, r) -> (c, s, r), any s.
+
+    One batched LU on either backend: CuPy's ``linalg.solve`` loops over the stack on the host
+    (one cuSOLVER call and sync per matrix) above s = 256, its batched LU's default limit,
+    which the Padé solves reach at Krylov dimensions above 255 (Van Loan blocks above 127).
+    """
+    if _cupy is not None and isinstance(a, _cupy.ndarray):
+        return _cupy_batched_solve(a, b)
+    return np.linalg.solve(a, b)
+
+
+def _cupy_batched_solve(a, b):  # pragma: no cover - GPU only
+    from cupy.cublas import batched_gesv
+
+    _quiet_gesv_limit()
+    return batched_gesv(a, b)
+
+
+def _quiet_gesv_limit():  # pragma: no cover - GPU only
+    """CuPy's batched LU warns above its default size (a note on speed, not on results): it is
+    used on purpose there, so that one message is filtered, once per process."""
+    global _GESV_QUIET
+    if not _GESV_QUIET:
+        import warnings
+
+        warnings.filterwarnings("ignore", message=r"The matrix size \(\d+\) exceeds the set "
+                                r"limit", category=UserWarning)
+        _GESV_QUIET = True
+
+
+_GESV_QUIET = False
+
+
 def basis_dot(basis, w):
     """Coefficients <v_l, w_i> per column: basis (m, c, N'), w (c, N') -> (c, m).
 
@@ -133,6 +189,26 @@ def _cublas_basis_product(basis, other, transpose):  # pragma: no cover - GPU on
          other.data.ptr, plan["ldb"], plan["stride_b"], zero.ctypes.data, out.data.ptr,
          plan["ldc"], plan["stride_c"], plan["batch"])
     return out
+
+
+def visible_gpus() -> list[str]:
+    """PCI bus ids of the CUDA devices this process sees, in CuPy's device order ([] without
+    CuPy or a device): two processes name the same GPU alike whatever their
+    CUDA_VISIBLE_DEVICES."""
+    if _cupy is None:
+        return []
+    try:
+        count = _cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return []
+    return [_bus_id(ordinal) for ordinal in range(count)]
+
+
+def _bus_id(ordinal: int) -> str:
+    try:
+        return str(_cupy.cuda.Device(ordinal).pci_bus_id)
+    except Exception:  # pragma: no cover - an old CuPy or driver
+        return f"device-{ordinal}"
 
 
 def gpu_available() -> bool:

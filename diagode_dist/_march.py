@@ -193,7 +193,8 @@ def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, 
     scale = xp.where(size > 0, size, 1.0)
     trunc = xp.where(finite, safety * err / scale, xp.inf)
     floor = xp.where(finite, floor / scale, xp.inf)
-    return y, Estimate(to_numpy(trunc).astype(float), to_numpy(floor).astype(float), eps)
+    both = to_numpy(xp.stack([trunc, floor])).astype(float)  # one host transfer, not two
+    return y, Estimate(both[0], both[1], eps)
 
 
 def _eps(array) -> float:

@@ -12,6 +12,7 @@ integral exact per sub-step (Van Loan 1978; Saad 1992 and Sidje 1998 for the err
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import numbers
 import os
 import threading
@@ -21,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from ._array import array_module, is_sparse, to_module, to_numpy
+from ._array import array_module, is_sparse, row_product, to_module, to_numpy
 from ._checks import check_int
 from ._march import MAX_SUBSTEPS, Accuracy, march_adjoint, march_forward
 from .errors import AccuracyError
@@ -150,8 +151,10 @@ def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, ti
 
         with _single_threaded_blas(prob.xp):
             if threads > 1 and len(chunks) > 1:
+                # each chunk thread in a copy of this context: a memory_share holds there too
+                contexts = [contextvars.copy_context() for _ in chunks]
                 with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
-                    return list(pool.map(run, chunks))
+                    return list(pool.map(lambda ctx, part: ctx.run(run, part), contexts, chunks))
             return [run(part) for part in chunks]
 
     if chosen == "polynomial":
@@ -305,6 +308,7 @@ def chunk_operators(prob, d, cols):
     if prob.x0 is not None:
         u0[:, :n] = prob.x0[:, xp.asarray(cols)].T
     u0[:, n] = 1.0
+    A0_rows = row_product(prob.A0, n + 1)  # A0 x of rows [x, s], read where they lie
 
     def make_apply(rows, coupling):
         f_rows = forcing[xp.asarray(rows)] if rows.size < cols.size else forcing
@@ -313,7 +317,7 @@ def chunk_operators(prob, d, cols):
         def apply(v):  # augmented operator [[A, f / eta], [0, 0]] on rows v = [x, s]
             x = v[:, :n]
             out = xp.empty_like(v)
-            out[:, :n] = (prob.A0 @ x.T).T + d * x + v[:, n:] * f_rows
+            out[:, :n] = A0_rows(v) + d * x + v[:, n:] * f_rows
             out[:, n] = 0.0
             return out
 
@@ -397,18 +401,24 @@ def _chunk_threads(prob, n_columns) -> int:
 
 
 def predict_chunk_bytes(n: int, columns: int, k: int, itemsize: int = 8,
-                        quad_points: int | None = None) -> int:
+                        quad_points: int | None = None, observations: int = 1) -> int:
     """Predicted peak working memory (bytes) of one chunk, excluding bases kept across sub-steps.
 
     Per column: the forward and adjoint bases ((k+1)(n+1) each), a restricted copy of the
     forward basis in adjoint sub-steps, the (k, n) product W M and its elementwise product
-    with V, about twenty state-sized vectors (balanced starts, states, checks), and the Padé
+    with V, about twenty state-sized vectors (balanced starts, states, checks), the Padé
     temporaries of the (2k)-square Van Loan
-    block (or of 2 Q k-square exponentials with ``quad_points`` Q for the trapezoid rule).
+    block (or of 2 Q k-square exponentials with ``quad_points`` Q for the trapezoid rule),
+    and per observation time (``observations`` m) the observed state, its adjoint jump and
+    the start vector of the interval that reaches it (each interval keeps its start, from
+    which a basis that is not kept is rebuilt): 3 m n held through the adjoint march; while
+    the loss makes the jumps, also its copy of the targets and two residuals: 5 m n.
     """
     small = 12 * (2 * k) ** 2 if quad_points is None else 12 * 2 * quad_points * k * k
-    per_column = (3 * (k + 1) * (n + 1) + 2 * k * n + 20 * (n + 1) + small) * itemsize
-    return int(per_column * columns)
+    marches = 3 * (k + 1) * (n + 1) + 2 * k * n + 20 * (n + 1) + small
+    observed = (observations - 1) * 3 * (n + 1)  # one time is among the twenty vectors
+    loss_peak = (5 * observations + 20) * (n + 1)
+    return int(max(marches + observed, loss_peak) * itemsize * columns)
 
 
 def memory_budget(xp) -> int:
@@ -418,17 +428,36 @@ def memory_budget(xp) -> int:
     blocks, so the driver's free memory alone shrinks after the first call: another chunk
     size, another summation order, and repeated calls would no longer agree bit for bit).
     Half of the budget is the chunk's working set, the other half bases kept across
-    sub-steps (beyond that they are rebuilt)."""
+    sub-steps (beyond that they are rebuilt). Inside ``memory_share(s)``: 1/s of it."""
     key = (xp.__name__, _device_id(xp))
     with _BUDGET_LOCK:
         if key not in _BUDGETS:
             _BUDGETS[key] = (min(_available_host_bytes() // 4, 4 << 30) if xp is np
                              else _device_available_bytes(xp) // 2)
-        return _BUDGETS[key]
+        return budget_share(_BUDGETS[key], _SHARES.get())
 
 
 _BUDGETS: dict = {}
 _BUDGET_LOCK = threading.Lock()
+_SHARES: contextvars.ContextVar[int] = contextvars.ContextVar("memory_shares", default=1)
+
+
+def budget_share(budget: int, shares: int) -> int:
+    """Bytes of ``budget`` one of ``shares`` computations running at once on a device gets."""
+    return int(budget) // int(shares)
+
+
+@contextlib.contextmanager
+def memory_share(shares: int):
+    """Calls in this context (and their chunk threads) take 1/``shares`` of the device's memory
+    budget: ``shares`` computations (e.g. shard tasks in other processes) run on it at once,
+    and each sizing its chunks and kept bases from all of it would exhaust it."""
+    check_int(shares, "shares", 1)
+    token = _SHARES.set(shares)
+    try:
+        yield
+    finally:
+        _SHARES.reset(token)
 
 
 def _device_id(xp) -> int:
@@ -458,7 +487,8 @@ def _external_allocator(xp, pool) -> bool:
 
 def _default_chunk(prob, k, quad_points=None) -> int:
     """Columns per chunk so that the predicted working set fits half the memory budget."""
-    per_column = predict_chunk_bytes(prob.n, 1, k, prob.dtype.itemsize, quad_points)
+    per_column = predict_chunk_bytes(prob.n, 1, k, prob.dtype.itemsize, quad_points,
+                                     len(prob.loss.obs_times))
     fits = max(1, int(memory_budget(prob.xp) // 2 // per_column))
     # A power of two, so that small changes in free memory between calls do not change the
     # chunks (and with them the summation order of the result).

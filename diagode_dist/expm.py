@@ -7,7 +7,9 @@ matrix's result does not depend on which other matrices share the stack.
 
 from __future__ import annotations
 
-from ._array import array_module
+import numpy as np
+
+from ._array import array_module, solve_stack, to_numpy
 
 # Padé-13 coefficients b_0..b_13 and the 1-norm bound theta_13 (Higham 2005, Table 2.3).
 _B = (
@@ -38,12 +40,24 @@ def expm_batched(a):
     squarings = _squarings(norm1, xp)
     scaled = stack * xp.ldexp(xp.ones_like(norm1), -squarings)[:, None, None]
     result = _pade13(scaled, xp)
-    n_squarings = int(squarings.max()) if squarings.size else 0
-    for i in range(n_squarings):
-        idx = xp.nonzero(squarings > i)[0]
+    for idx in _squaring_rows(squarings, xp):
         sub = result[idx]
         result[idx] = sub @ sub
     return result.reshape(shape)
+
+
+def _squaring_rows(squarings, xp):
+    """Per squaring i, the (device) indices of the matrices that need it, from one transfer of
+    the counts each way (a nonzero() per squaring would stop the host at each): the matrices
+    in ascending order of their counts, so those of squaring i are a tail of that order."""
+    counts = to_numpy(squarings)
+    if not counts.size or counts.max() == 0:
+        return []
+    order_host = np.argsort(counts, kind="stable")
+    order = xp.asarray(order_host)
+    sorted_counts = counts[order_host]
+    return [order[int(np.searchsorted(sorted_counts, i, side="right")):]
+            for i in range(int(counts.max()))]
 
 
 def _squarings(norm1, xp):
@@ -64,7 +78,7 @@ def _pade13(a, xp):
     u = a @ (a6 @ (b[13] * a6 + b[11] * a4 + b[9] * a2) + b[7] * a6 + b[5] * a4 + b[3] * a2
              + b[1] * eye)
     v = a6 @ (b[12] * a6 + b[10] * a4 + b[8] * a2) + b[6] * a6 + b[4] * a4 + b[2] * a2 + b[0] * eye
-    return xp.linalg.solve(v - u, v + u)
+    return solve_stack(v - u, v + u)
 
 
 def expm_block_upper(a, b, d):
@@ -87,8 +101,7 @@ def expm_block_upper(a, b, d):
     scale = xp.ldexp(xp.ones_like(norm1), -squarings)[:, None, None]
     x = (a * scale, b * scale, d * scale)
     ea, eb, ed = _pade13_block(x, xp)
-    for i in range(int(squarings.max()) if squarings.size else 0):
-        idx = xp.nonzero(squarings > i)[0]
+    for idx in _squaring_rows(squarings, xp):
         sa, sb, sd = _block_mul((ea[idx], eb[idx], ed[idx]), (ea[idx], eb[idx], ed[idx]))
         ea[idx], eb[idx], ed[idx] = sa, sb, sd
     return ea, eb
@@ -120,7 +133,7 @@ def _pade13_block(x, xp):
     v = _block_comb((1.0, inner_v), (b[6], x6), (b[4], x4), (b[2], x2), (b[0], eye))
     lhs = _block_comb((1.0, v), (-1.0, u))
     rhs = _block_comb((1.0, v), (1.0, u))
-    ed = xp.linalg.solve(lhs[2], rhs[2])
-    ea = xp.linalg.solve(lhs[0], rhs[0])
-    eb = xp.linalg.solve(lhs[0], rhs[1] - lhs[1] @ ed)
+    ed = solve_stack(lhs[2], rhs[2])
+    ea = solve_stack(lhs[0], rhs[0])
+    eb = solve_stack(lhs[0], rhs[1] - lhs[1] @ ed)
     return ea, eb, ed

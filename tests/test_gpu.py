@@ -274,3 +274,69 @@ def test_two_shards_on_one_gpu_take_turns():
         theta2, _ = dd.fit_distributed(client, prob, np.zeros(prob.n), n_shards=2, **options)
     theta_ref, _ = dd.fit(prob, np.zeros(prob.n), **options)
     assert relative_error(np.asarray(theta2), theta_ref) <= 1e-10
+
+
+def test_solve_stack_beyond_256_on_gpu_without_the_host_loop(monkeypatch):
+    """Krylov dimension 300: the Padé solves are one batched LU (CuPy's own solve would loop
+    over the stack on the host above 256)."""
+    import scipy.linalg
+
+    from diagode_dist import _array, krylov
+
+    def host_loop(*args, **kwargs):
+        raise AssertionError("cupy.linalg.solve called: a host loop above 256")
+
+    monkeypatch.setattr(cupy.linalg, "solve", host_loop)
+    rng = np.random.default_rng(46)
+    a = rng.standard_normal((3, 300, 300)) + 30 * np.eye(300)
+    b = rng.standard_normal((3, 300, 2))
+    x = _array.solve_stack(cupy.asarray(a), cupy.asarray(b))
+    np.testing.assert_allclose(cupy.asnumpy(x), np.linalg.solve(a, b), rtol=1e-12)
+    m, c = 300, 2
+    H = np.triu(rng.standard_normal((c, m, m)) / np.sqrt(m), -1)
+    y, _ = krylov.exp_and_error(cupy.asarray(H), cupy.zeros(c), cupy.ones(c),
+                                cupy.asarray([0.5, 1.5]))
+    for i, tau in enumerate((0.5, 1.5)):
+        expected = scipy.linalg.expm(tau * H[i])[:, 0]
+        np.testing.assert_allclose(cupy.asnumpy(y[i]), expected, rtol=0,
+                                   atol=1e-11 * np.abs(expected).max())
+
+
+def test_sparse_forward_product_needs_no_fortran_copy_on_gpu(monkeypatch):
+    """cupyx hands a dense operand to cuSPARSE through asfortranarray: every (N, c) operand of
+    the forward and adjoint products is already F-ordered (no copy of the rows)."""
+    n, S = 80, 6
+    A0, F, labels, theta = random_arrays(n, S, seed=47, sparse=True)
+    prob, theta_gpu = _on_gpu(A0, F, labels, theta)
+    seen = []
+    original = cupy.asfortranarray
+
+    def recording(a, *args, **kwargs):
+        if getattr(a, "ndim", 0) == 2 and a.shape[0] in (n, n + 1) and a.shape[1] <= S:
+            seen.append(bool(a.flags.f_contiguous))
+        return original(a, *args, **kwargs)
+
+    monkeypatch.setattr(cupy, "asfortranarray", recording)
+    dd.loss_and_grad(prob, theta_gpu)
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} operands copied"
+
+
+def test_shards_of_two_processes_share_one_gpu_budget():
+    """A plain LocalCluster of two worker processes on a machine's first GPU: both shards are
+    planned on "gpu" with the device's budget shared by two, and report gpu:0."""
+    from distributed import Client, LocalCluster
+
+    from diagode_dist.service import submit
+    from diagode_dist.service._gpu_options import cluster_devices, plan_devices
+
+    prob = dd.demo_problem(n=48, S=8)
+    options = dict(epochs=1, lr=0.05, batch_size=8, seed=0)
+    env = {"CUDA_VISIBLE_DEVICES": "0"}
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
+                      env=env) as cluster, Client(cluster) as client:
+        assert plan_devices(cluster_devices(client), 2) == [("gpu", 2)] * 2
+        run = submit(client, prob, np.zeros(prob.n), n_shards=2, **options)
+        run.wait(timeout=120)
+        timings = run.status()["shard_timings"]
+    assert [t["device"] for t in timings] == ["gpu:0", "gpu:0"]
+    assert {t["backend"] for t in timings} == {"cupy"}

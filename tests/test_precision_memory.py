@@ -426,3 +426,154 @@ def test_float32_chunk_peak_within_prediction(monkeypatch):
         prob, theta.astype(np.float32), k=k, rtol=1e-3, max_chunk_columns=c))
     predicted = adjoint.predict_chunk_bytes(n, c, k, itemsize=4)
     assert peak <= predicted, f"peak {peak} B > predicted {predicted} B ({peak / predicted:.2f}x)"
+
+
+@pytest.mark.parametrize("k, times", [(8, 40), (8, 120)], ids=["k8-40-times", "k8-120-times"])
+def test_observed_states_and_jumps_are_predicted(monkeypatch, k, times):
+    """MSE at many observation times: the observed states, their adjoint jumps and the
+    intervals' start vectors (m (c, n) each) are in predict_chunk_bytes (they were not: the
+    peak was 2.9x / 8.7x the prediction)."""
+    n, c = 400, 4
+    prob, theta = _mse_many_times(n=n, S=c, times=times)
+    monkeypatch.setattr(adjoint, "memory_budget", lambda xp: 0)
+    held = {}
+    original = adjoint.march_forward
+
+    def recording(*args, **kwargs):
+        states, intervals, acc = original(*args, **kwargs)
+        held["states"] = states.nbytes
+        held["starts"] = sum(iv.start.nbytes for iv in intervals)
+        return states, intervals, acc
+
+    monkeypatch.setattr(adjoint, "march_forward", recording)
+    peak, _ = _traced_peak(lambda: dd.loss_and_grad(prob, theta, k=k, max_chunk_columns=c))
+    predicted = adjoint.predict_chunk_bytes(n, c, k, observations=times)
+    one_time = adjoint.predict_chunk_bytes(n, c, k)
+    # states + jumps (same size) + starts, measured, within what the observations add
+    assert 2 * held["states"] + held["starts"] <= predicted - one_time + 20 * (n + 1) * 8 * c
+    assert peak <= predicted, f"peak {peak} B > predicted {predicted} B ({peak / predicted:.2f}x)"
+    assert peak > 2 * one_time  # what the prediction without them missed
+
+
+def test_default_chunk_counts_the_observation_times(monkeypatch):
+    """Chunks sized with the observations counted (without them: 8 columns, 2.7x too many)."""
+    prob, _ = _mse_many_times(n=400, S=4, times=40)
+    budget = 2 * adjoint.predict_chunk_bytes(400, 4, 8, observations=40)
+    monkeypatch.setattr(adjoint, "memory_budget", lambda xp: budget)
+    assert adjoint._default_chunk(prob, 8) == 4
+
+
+# ---- the sparse product reads the rows where they lie; solves of any size in one batch ------
+
+def test_sparse_product_gets_the_rows_as_they_lie(monkeypatch):
+    """The augmented forward operator hands the sparse product v.T, an F-ordered view of the
+    basis row (cupyx copies any other layout with asfortranarray before cuSPARSE); the
+    widened operator shares A0's arrays. The strided x.T = v[:, :n].T was handed before."""
+    import scipy.sparse as sp
+    from scipy.sparse._compressed import _cs_matrix
+
+    from diagode_dist import _array
+
+    layouts = []
+    original = _cs_matrix._matmul_multivector
+
+    def recording(self, other):
+        layouts.append((other.flags.f_contiguous, other.base is not None))
+        return original(self, other)
+
+    monkeypatch.setattr(_cs_matrix, "_matmul_multivector", recording)
+    A0, F, labels, theta = _scaled_random(64, 3, seed=27)
+    A0 = sp.csr_matrix(A0)
+    prob = dd.Problem(A0, F, labels, T=2.0)
+    loss, grad = dd.loss_and_grad(prob, theta, k=12, rtol=1e-8)
+    assert layouts and all(f and view for f, view in layouts), set(layouts)
+    dense_loss, dense_grad = dd.loss_and_grad(dd.Problem(A0.toarray(), F, labels, T=2.0),
+                                              theta, k=12, rtol=1e-8)
+    assert abs(loss - dense_loss) <= 1e-13 * abs(dense_loss)
+    assert relative_error(grad, dense_grad) <= 1e-12
+    v = np.random.default_rng(0).standard_normal((3, 65))
+    wide = _array.row_product(A0, 65)
+    np.testing.assert_allclose(wide(v), (A0.toarray() @ v[:, :64].T).T, rtol=1e-13)
+
+
+def test_solve_stack_beyond_256():
+    """One batched solve for any size (CuPy's solve loops on the host above 256)."""
+    from diagode_dist import _array
+
+    rng = np.random.default_rng(28)
+    a = rng.standard_normal((3, 300, 300)) + 30 * np.eye(300)
+    b = rng.standard_normal((3, 300, 2))
+    x = _array.solve_stack(a, b)
+    for i in range(3):
+        np.testing.assert_allclose(a[i] @ x[i], b[i], rtol=0, atol=1e-12)
+
+
+def test_exponentials_beyond_256_through_the_batched_solve(monkeypatch):
+    """Krylov dimension 300 (an augmented block of 301) and a Van Loan block of 2 x 150: the
+    exponentials' solves all go through solve_stack, and agree with SciPy's expm."""
+    import scipy.linalg
+
+    from diagode_dist import _array, expm, krylov
+
+    sizes = []
+    original = _array.solve_stack
+
+    def recording(a, b):
+        sizes.append(a.shape[-1])
+        return original(a, b)
+
+    monkeypatch.setattr(expm, "solve_stack", recording)
+    rng = np.random.default_rng(29)
+    m, c = 300, 2
+    H = np.triu(rng.standard_normal((c, m, m)) / np.sqrt(m), -1)
+    norms, tau = np.array([1.0, 2.0]), np.array([0.5, 1.5])
+    y, _ = krylov.exp_and_error(H, np.zeros(c), norms, tau)
+    for i in range(c):
+        expected = norms[i] * scipy.linalg.expm(tau[i] * H[i])[:, 0]
+        np.testing.assert_allclose(y[i], expected, rtol=0, atol=1e-11 * np.abs(expected).max())
+    a, bb, d = (rng.standard_normal((c, 150, 150)) / 15, rng.standard_normal((c, 150, 150)),
+                rng.standard_normal((c, 150, 150)) / 15)
+    ea, eb = expm.expm_block_upper(a, bb, d)
+    full = scipy.linalg.expm(np.block([[a[0], bb[0]], [np.zeros((150, 150)), d[0]]]))
+    np.testing.assert_allclose(eb[0], full[:150, 150:], rtol=0, atol=1e-11 * abs(full).max())
+    assert sizes and max(sizes) == m + 1
+
+
+def test_the_numerics_solve_only_through_solve_stack():
+    """No direct ``linalg.solve`` in the numerics (CuPy's host loop above 256), but the one in
+    _array.solve_stack; the dense reference is NumPy-only."""
+    from pathlib import Path
+
+    package = Path(dd.__file__).parent
+    offenders = [path.name for path in package.glob("*.py")
+                 if path.name not in ("_array.py", "reference.py")
+                 and "linalg.solve(" in path.read_text()]
+    assert offenders == []
+
+
+def test_squarings_cost_no_host_sync_each(monkeypatch):
+    """The squarings of a stack whose matrices need 0..6 of them: the same floats as squaring
+    each matrix on its own, with one transfer of the counts (no nonzero() per squaring, each
+    a host sync on a GPU)."""
+    import scipy.linalg
+
+    from diagode_dist import expm
+
+    rng = np.random.default_rng(30)
+    scales = np.array([0.01, 1.0, 30.0, 200.0, 5.0, 0.3])
+    a = rng.standard_normal((6, 10, 10)) / 10 * scales[:, None, None]
+    calls = []
+    original = np.nonzero
+    monkeypatch.setattr(np, "nonzero", lambda *args: calls.append(1) or original(*args))
+    stack = expm.expm_batched(a)
+    ea, eb = expm.expm_block_upper(a, a[::-1].copy(), a)
+    monkeypatch.undo()
+    assert calls == []
+    for i in range(6):
+        alone = expm.expm_batched(a[i:i + 1])[0]
+        assert np.array_equal(stack[i], alone)  # a matrix's result does not depend on others
+        np.testing.assert_allclose(stack[i], scipy.linalg.expm(a[i]), rtol=0,
+                                   atol=1e-11 * np.abs(stack[i]).max())
+        block = scipy.linalg.expm(np.block([[a[i], a[5 - i]], [np.zeros((10, 10)), a[i]]]))
+        np.testing.assert_allclose(eb[i], block[:10, 10:], rtol=0,
+                                   atol=1e-11 * np.abs(block).max())

@@ -39,6 +39,7 @@ from diagode_dist.files import ProblemFiles, array_fingerprint, operator_fingerp
 from diagode_dist.options import TrainOptions, takes_options, with_options
 from diagode_dist.param import as_operator_param
 from diagode_dist.problem import Problem
+from diagode_dist.service._gpu_options import cluster_devices, plan_devices
 from diagode_dist.service.checkpoint import CheckpointError
 from diagode_dist.service.inputs import DaskProblem
 from diagode_dist.service.plugin import install, install_on_workers
@@ -231,6 +232,7 @@ def _submit(caller: str, client, problem, theta0, param, options, checkpoint_dir
         resume_override=tuple(resume_override), stall_timeout=stall_timeout,
         n_theta=None if theta_size == n else theta_size,
         fingerprint={"problem": _fingerprint(problem), "param": _param_name(options)})
+    devices = plan_devices(cluster_devices(client), spec.n_shards)  # before registering
     token = secrets.token_urlsafe(24)
     install(client)
     install_on_workers(client)
@@ -241,7 +243,7 @@ def _submit(caller: str, client, problem, theta0, param, options, checkpoint_dir
             raise CheckpointError(created["path"], created["problem"])
         raise (PermissionError if created.get("locked") else ValueError)(created["error"])
     try:
-        _submit_shards(client, problem, spec, token)
+        _submit_shards(client, problem, spec, token, devices)
     except BaseException:
         with contextlib.suppress(Exception):
             _call(client, "diagode_cancel", run_id=spec.run_id, token=token,
@@ -301,8 +303,9 @@ def _call(client: Client, op: str, **kwargs):
     return client.sync(getattr(client.scheduler, op), **kwargs)
 
 
-def _submit_shards(client: Client, problem, spec: RunSpec, token: str) -> None:
-    """One fire-and-forget task per shard.
+def _submit_shards(client: Client, problem, spec: RunSpec, token: str,
+                   devices: list[tuple[str, int]]) -> None:
+    """One fire-and-forget task per shard, on the (device, shares) ``plan_devices`` chose.
 
     A DaskProblem's shards run where their chunks are held; the others are spread over the
     workers round robin (loosely: they may move).
@@ -324,7 +327,8 @@ def _submit_shards(client: Client, problem, spec: RunSpec, token: str) -> None:
             problem = problem.to_device(np)  # host copy once (a no-op for NumPy problems)
             operator = client.submit(_same, problem.A0, key=operator_key(uid), pure=False)
         for shard, (lo, hi) in enumerate(ranges):
-            shard_spec = ShardSpec(run=spec, shard=shard, lo=lo, hi=hi, token=token)
+            shard_spec = ShardSpec(run=spec, shard=shard, lo=lo, hi=hi, token=token,
+                                   device=devices[shard][0], device_shares=devices[shard][1])
             if isinstance(problem, Problem):
                 data = detach_operator(problem.select(np.arange(lo, hi)))
             elif isinstance(problem, DaskProblem):

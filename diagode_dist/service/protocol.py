@@ -33,6 +33,7 @@ OPERATOR_PREFIX = "diagode-operator"
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _UID = re.compile(r"^[0-9a-f]{32}$")
+_GPU_ORDINAL = re.compile(r"^gpu:(0|[1-9][0-9]{0,3})$")
 _WIRE_KEYS = ("run_id", "uid", "n", "S", "n_shards", "checkpoint_dir", "resume",
               "resume_override", "fingerprint", "stall_timeout", "options", "n_theta")
 # Options whose change a resume may accept when asked to (resume_override): they steer Adam
@@ -176,17 +177,33 @@ class RunSpec:
                       "resume_override": tuple(override)})
 
 
+def check_device(device: Any) -> str:
+    """A shard's device: "cpu", "gpu" (its worker's GPU, CuPy's device 0) or "gpu:<i>" (device
+    i of those its worker process sees)."""
+    if isinstance(device, str) and (device in ("cpu", "gpu") or _GPU_ORDINAL.match(device)):
+        return device
+    raise ValueError(f"device must be 'cpu', 'gpu' or 'gpu:<i>' (i >= 0), got {device!r}")
+
+
 @dataclass(frozen=True)
 class ShardSpec:
     """What one shard task needs besides its data: its run (options with the diagonal map
-    object as ``param``), its global columns ``[lo, hi)`` and the run's secret ``token``, without
-    which the server refuses its pushes."""
+    object as ``param``), its global columns ``[lo, hi)``, the run's secret ``token``, without
+    which the server refuses its pushes, the ``device`` it computes on (``check_device``;
+    chosen at submission, never "whatever the worker sees") and ``device_shares``, the shards
+    that may compute at once on that device (each gets that share of the memory budget)."""
 
     run: RunSpec
     shard: int
     lo: int
     hi: int
     token: str = field(default="", repr=False)
+    device: str = "cpu"
+    device_shares: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", check_device(self.device))
+        _count("device_shares", self.device_shares)
 
     @property
     def run_id(self) -> str:
@@ -217,6 +234,7 @@ class ShardTiming(TypedDict, total=False):
     load_s: float
     columns: int
     backend: str
+    device: str
     worker: str
     error_estimate: float
     rtol_met: bool
@@ -225,7 +243,7 @@ class ShardTiming(TypedDict, total=False):
 # The type of each ShardTiming entry: the server keeps only these (pages and gauges show them).
 SHARD_TIMING_TYPES: dict[str, type] = {
     "compute_s": float, "pull_s": float, "load_s": float, "columns": int, "backend": str,
-    "worker": str, "error_estimate": float, "rtol_met": bool}
+    "device": str, "worker": str, "error_estimate": float, "rtol_met": bool}
 
 
 class RunStatus(TypedDict):

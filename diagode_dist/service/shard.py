@@ -11,7 +11,9 @@ A shard owns the contiguous global columns ``[lo, hi)`` (``np.array_split`` of t
    dependency, so Dask can recompute both if a worker dies, which scattered data would not
    survive), or from its chunks of a ``DaskProblem`` (dependencies persisted on the workers:
    the task runs where they are). A0 is loaded once per worker process (cached here), and
-   everything is moved to the GPU once when the worker sees one (CuPy), else stays in NumPy.
+   everything is moved once to the spec's device (``ShardSpec.device``, chosen at submission:
+   "cpu" stays in NumPy even where a GPU is visible; "gpu"/"gpu:<i>" is CuPy on that device),
+   whose memory budget the shard shares with the ``device_shares`` computing there at once.
 3. Loops: pull theta at the server's step (one pull per worker process, shared by its shards),
    compute ``loss_grad_sums`` on its columns of that step's minibatch (the same
    ``epoch_batches`` as ``dd.fit``), push (loss_sum, grad_sum, count). A rerun task starts
@@ -42,9 +44,10 @@ from distributed.metrics import context_meter
 from distributed.protocol.serialize import ToPickle
 from distributed.utils import sync
 
-from diagode_dist._array import gpu_available, is_sparse, sparse_to_module, to_module, to_numpy
-from diagode_dist.adjoint import loss_grad_sums
+from diagode_dist._array import is_sparse, sparse_to_module, to_module, to_numpy, visible_gpus
+from diagode_dist.adjoint import loss_grad_sums, memory_share
 from diagode_dist.files import ProblemFiles
+from diagode_dist.service._gpu_options import resolve_device
 from diagode_dist.service.inputs import DaskShard
 from diagode_dist.service.protocol import ShardSpec
 from diagode_dist.train import epoch_batches
@@ -69,24 +72,42 @@ def shard_loop(spec: ShardSpec, data, operator=None, blocks: dict | None = None)
     secede()  # before anything that waits: the thread slot goes back to the worker
     worker = get_worker()
     activities = _Activities()
-    with activities.timed("load-shard"):
-        prob = _load_problem(spec, data, operator, blocks)
-    link = _ServerLink(worker, spec.uid, spec.token)
-    try:
-        # Dask keeps every value metered inside a running task (including the RPCs'
-        # serialisation) until the task ends: meter nothing per step, report sums at the end.
-        with context_meter.clear_callbacks():
-            status, steps = _steps(spec, prob, link, activities, worker.address)
-    finally:
-        link.close()
-        activities.report()
+    ordinal = resolve_device(spec.device, len(visible_gpus()))
+    with _on_device(ordinal), memory_share(spec.device_shares):
+        with activities.timed("load-shard"):
+            prob = _load_problem(spec, data, operator, blocks)
+        link = _ServerLink(worker, spec.uid, spec.token)
+        try:
+            # Dask keeps every value metered inside a running task (including the RPCs'
+            # serialisation) until the task ends: meter nothing per step, report sums at the end.
+            with context_meter.clear_callbacks():
+                status, steps = _steps(spec, prob, link, activities, worker.address)
+        finally:
+            link.close()
+            activities.report()
     return {"run_id": spec.run_id, "shard": spec.shard, "status": status, "steps": steps,
-            "worker": worker.address, "backend": prob.xp.__name__}
+            "worker": worker.address, "backend": prob.xp.__name__,
+            "device": device_name(ordinal)}
+
+
+def device_name(ordinal: int | None) -> str:
+    """What a shard reports: "cpu", or "gpu:<i>" (CuPy's device i of its worker process)."""
+    return "cpu" if ordinal is None else f"gpu:{ordinal}"
+
+
+def _on_device(ordinal: int | None):
+    """CuPy's device ``ordinal`` current in this thread (nothing for the CPU)."""
+    if ordinal is None:
+        return contextlib.nullcontext()
+    import cupy
+
+    return cupy.cuda.Device(ordinal)
 
 
 def _steps(spec: ShardSpec, prob, link, activities, address: str) -> tuple[str, int]:
     """Pull, compute and push until the run ends; (final status, steps computed)."""
     load_s = activities.seconds["load-shard"]
+    device = "cpu" if prob.xp is np else device_name(int(prob.xp.cuda.Device().id))
     batches = _Minibatches(spec)
     steps, status, want = 0, "running", 0
     while status == "running":
@@ -100,8 +121,8 @@ def _steps(spec: ShardSpec, prob, link, activities, address: str) -> tuple[str, 
             loss_sum, grad_sum, count, accuracy = _loss_grad(
                 prob, reply["theta"], spec, batches.local_columns(step))
         timings = {"compute_s": compute.seconds, "pull_s": pull.seconds, "load_s": load_s,
-                   "columns": count, "backend": prob.xp.__name__, "worker": address,
-                   **accuracy}
+                   "columns": count, "backend": prob.xp.__name__, "device": device,
+                   "worker": address, **accuracy}
         with activities.timed("push-gradient"):
             status = link.push(step, spec.shard, loss_sum, grad_sum, count, timings)
         steps += 1
@@ -179,7 +200,8 @@ _operators_lock = threading.Lock()
 
 
 def _load_problem(spec: ShardSpec, data, operator, blocks):
-    """The shard's Problem on the worker's device (CuPy if it sees a GPU, else NumPy)."""
+    """The shard's Problem on its device: NumPy for "cpu", else CuPy on the current device
+    (``shard_loop`` makes the spec's device current)."""
     if isinstance(data, ProblemFiles):
         token = data.operator_token()
         piece = data.load_shard(slice(spec.lo, spec.hi), A0=_cached(token, data.load_operator))
@@ -196,10 +218,11 @@ def _load_problem(spec: ShardSpec, data, operator, blocks):
     else:
         token, piece = ("graph", spec.uid), data
         host_A0 = _cached(token, lambda: _aligned(operator))
-    if gpu_available():
+    if spec.device != "cpu":
         import cupy
 
-        device_A0 = _cached(token + ("cupy",), lambda: _operator_to(host_A0, cupy))
+        ordinal = int(cupy.cuda.Device().id)
+        device_A0 = _cached(token + ("cupy", ordinal), lambda: _operator_to(host_A0, cupy))
         return _columns_to_device(piece, device_A0, cupy)
     return piece if piece.A0 is host_A0 else attach_operator(piece, host_A0)
 
