@@ -112,7 +112,7 @@ SECTIONS: tuple[Section, ...] = (
             "also time diagode_dist.torch against dd.loss_and_grad (seed demo shape) and "
             "against torchdiffeq and matrix_exp on stiff 2-D diffusion, one process per "
             "method (~5-10 min)", _layer),
-    Section("layer-stiff", "PyTorch layer on stiff 2-D diffusion (n = 16384) against torch peers",
+    Section("layer-stiff", "PyTorch layer on stiff 2-D diffusion against torch peers",
             "also run the layer (rational Krylov) and torchdiffeq / matrix_exp on 2-D diffusion, "
             "128 x 128 grid (--stiff-grid), S = 64, ||tA|| = 5000: one process per method, "
             "each stopped after --peer-budget s or at --peer-memory GiB; errors against the "

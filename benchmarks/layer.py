@@ -24,6 +24,7 @@ transform; checked against the dense ``diagode_dist.reference`` on small grids i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import resource
@@ -262,7 +263,7 @@ STIFF_METHODS = {
     OURS: _method_ours,
     f"torchdiffeq odeint backprop, dopri5 {PEER_TOL:g}": _method_torchdiffeq("dopri5", False),
     f"torchdiffeq odeint_adjoint, dopri5 {PEER_TOL:g}": _method_torchdiffeq("dopri5", True),
-    "torchdiffeq odeint backprop, rk4 fixed step 2.5/||A||":
+    "torchdiffeq odeint backprop, rk4 fixed step 2.5 / norm(A)":
         _method_torchdiffeq("rk4", False, fixed_step=True),
     "torch.linalg.matrix_exp + autograd (dense)": _method_matrix_exp,
 }
@@ -291,7 +292,8 @@ def _child(name, arrays, progress, queue, memory_bytes):
 
 def _error_text(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}"
-    if isinstance(error, MemoryError) or "not enough memory" in text:
+    if isinstance(error, MemoryError) or any(
+            words in text for words in ("not enough memory", "can't allocate")):
         return "out of memory (the cap)"
     return text[:100]
 
@@ -309,30 +311,36 @@ def run_isolated(name: str, arrays: dict, budget: float, memory_gib: float = 8.0
     proc = ctx.Process(target=_child, daemon=True,
                        args=(name, arrays, progress, results, int(memory_gib * 2**30)))
     proc.start()
-    message = _receive(results, proc, 300)  # ("started",) after the imports
+    peak = [0.0]  # MiB, sampled each second (a stopped method reports no max RSS of its own)
+    message = _receive(results, proc, 300, peak)  # ("started",) after the imports
     if message is not None:
-        message = _receive(results, proc, budget)
+        message = _receive(results, proc, budget, peak)
     if message is None:
         stopped = proc.is_alive()
         proc.kill()
         proc.join()
         return {"status": "stopped" if stopped else "crashed", "progress": list(progress),
-                "exitcode": proc.exitcode}
+                "exitcode": proc.exitcode, "rss": peak[0]}
     status, seconds, payload, rss = message
     proc.join()
     return {"status": status, "seconds": seconds, "payload": payload, "rss": rss,
             "progress": list(progress)}
 
 
-def _receive(results, proc, timeout: float):
-    """The next message of the child, or None after ``timeout`` s or when it died."""
+def _receive(results, proc, timeout: float, peak: list):
+    """The next message of the child, or None after ``timeout`` s or when it died; ``peak[0]``
+    follows its resident memory (MiB)."""
     import queue as queues
+
+    import psutil
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             return results.get(timeout=1.0)
         except queues.Empty:
+            with contextlib.suppress(psutil.Error):
+                peak[0] = max(peak[0], psutil.Process(proc.pid).memory_info().rss / 2**20)
             if not proc.is_alive():  # a last look: it may have put its result and exited
                 try:
                     return results.get(timeout=1.0)
