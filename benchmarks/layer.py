@@ -353,7 +353,7 @@ def _how_far(result: dict, budget: float, memory_gib: float) -> str:
     backward, reached, evaluations = result["progress"]
     where = "backward pass" if backward else "forward pass"
     if evaluations:
-        where += f", t at {reached:.0%} of T, {evaluations:.0f} f-evals"
+        where += f", t at {reached:.1%} of T, {evaluations:.0f} f-evals"
     if result["status"] == "stopped":
         return f"did not finish in {budget:.0f} s ({where})"
     if result["status"] == "crashed":

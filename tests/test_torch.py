@@ -416,6 +416,20 @@ def test_spectral_stiff_reference_matches_the_dense_reference():
             assert _rel(torch.tensor(spectral[name]), torch.tensor(dense[name])) < 1e-11
 
 
+def test_layer_benchmark_isolates_each_method():
+    """The stiff table's harness: our layer in its own process, scored against the spectral
+    reference; a peer past its budget is stopped and reported with how far it got."""
+    from benchmarks.layer import OURS, spectral_stiff_gradients, stiff_arrays, stiff_rows
+
+    arrays = stiff_arrays(6, 2)
+    exact = spectral_stiff_gradients(arrays)
+    peer = "torchdiffeq odeint_adjoint, dopri5 1e-08"
+    ours = stiff_rows(arrays, exact, 120.0, 4.0, lambda message: None, methods=[OURS])[0]
+    assert float(ours[3]) < 1e-7 and "rational" in ours[5]
+    stopped = stiff_rows(arrays, exact, 0.5, 4.0, lambda message: None, methods=[peer])[0]
+    assert stopped[1] == "> 0.5" and stopped[5].startswith("did not finish in 0 s")
+
+
 def test_layer_benchmark_reference_matches_the_layer():
     """The stiff benchmark's exact gradients (dense Van Loan) agree with the layer's."""
     from benchmarks.layer import exact_stiff_gradients, stiff_arrays
