@@ -411,7 +411,7 @@ def layer_report(repeat: int, markdown: bool, quick: bool, budget: float,
                  log: Callable[[str], None], memory_gib: float = 8.0) -> str:
     """The bridge table and the development-size stiff table (``--layer``)."""
     n, S = (64, 16) if quick else (256, 64)
-    demo = render_table(["method", "CPU ms (best)", "time / core", "|loss diff|",
+    demo = render_table(["method", "CPU ms (best)", "time / core", "loss abs diff",
                          "grad rel diff"], demo_rows(repeat, n, S), markdown)
     m, S_stiff = (8, 4) if quick else (32, 16)
     return (f"Seed demo shape (n = {n}, S = {S}): the layer against the core, best of "
