@@ -68,7 +68,15 @@ def _layer(args: argparse.Namespace) -> str:
     from .layer import layer_report
 
     return layer_report(repeat=args.repeat, markdown=args.markdown, quick=args.quick,
-                        budget=args.peer_budget, log=_log)
+                        budget=args.peer_budget, log=_log, memory_gib=args.peer_memory)
+
+
+def _layer_stiff(args: argparse.Namespace) -> str:
+    from .layer import stiff_report
+
+    m = 8 if args.quick else args.stiff_grid
+    return stiff_report(m, 4 if args.quick else 64, args.peer_budget, args.peer_memory,
+                        args.markdown, log=_log)
 
 
 def _stiff(args: argparse.Namespace) -> str:
@@ -104,6 +112,11 @@ SECTIONS: tuple[Section, ...] = (
             "also time diagode_dist.torch against dd.loss_and_grad (seed demo shape) and "
             "against torchdiffeq and matrix_exp on stiff 2-D diffusion, one process per "
             "method (~5-10 min)", _layer),
+    Section("layer-stiff", "PyTorch layer on stiff 2-D diffusion against torch peers",
+            "also run the layer (rational Krylov) and torchdiffeq / matrix_exp on 2-D diffusion, "
+            "128 x 128 grid (--stiff-grid), S = 64, ||tA|| = 5000: one process per method, "
+            "each stopped after --peer-budget s or at --peer-memory GiB; errors against the "
+            "exact spectral reference (~5 min plus the budget per peer)", _layer_stiff),
     Section("stiff", "Stiff problems: rational against polynomial Krylov",
             "also time the rational (shift-and-invert) method on 2-D diffusion against the "
             "polynomial one, scored by expm_multiply: accuracy, time against ||TA|| and n "
@@ -157,6 +170,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--peer-budget", type=_positive(float), default=60.0,
                         help="seconds a method may take on a case before it is stopped or not "
                         "repeated (default: %(default)s)")
+    parser.add_argument("--peer-memory", type=_positive(float), default=8.0,
+                        help="GiB of data memory a method of --layer / --layer-stiff may use "
+                        "(RLIMIT_DATA of its process; default: %(default)s)")
+    parser.add_argument("--stiff-grid", type=_positive(int), default=128,
+                        help="grid side m (n = m^2) of --layer-stiff (default: %(default)s)")
     parser.add_argument("--no-peers", action="store_true", help="skip the torch peers")
     parser.add_argument("--threads", type=_positive(int), default=2,
                         help="torch threads for the peers (default: %(default)s)")
@@ -187,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(cases_section(names, args.repeat, args.peer_budget, with_peers, args.markdown,
                             log=_log))
     for section in SECTIONS:
-        if getattr(args, section.flag):
+        if getattr(args, section.flag.replace("-", "_")):
             print()
             print(heading(section.title, args.markdown))
             print(section.render(args), flush=True)

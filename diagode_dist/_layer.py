@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._array import array_module
-from .adjoint import loss_and_grad
-from .param import EdgeParam, Stack
+from .adjoint import ForwardPass, adjoint_pass, forward_pass
+from .param import EdgeParam, Stack, _DiagonalMap
 from .pattern import Pattern
 from .problem import Problem
-from .solve import solve
 
 GRADIENTS = ("values", "d", "f", "x0", "t")
 """Names of the inputs ``vjp`` can differentiate by."""
@@ -47,6 +46,7 @@ class ODE:
     f : (n, S) constant forcing, or None;  x0 : (n, S) initial states, or None
     times : (m,) host floats, 0 <= t_1 < ... < t_m (the states are reported there)
     rtol, k : the core's relative tolerance and maximum Krylov dimension
+    method : the core's method, "polynomial", "rational" or "auto" (forward and backward)
     """
 
     base: object
@@ -59,6 +59,7 @@ class ODE:
     times: np.ndarray
     rtol: float
     k: int
+    method: str = "polynomial"
     n: int = field(init=False)
     S: int = field(init=False)
 
@@ -74,7 +75,7 @@ class ODE:
         return int(self.times.size > 0 and self.times[0] == 0.0)
 
 
-class _Identity:
+class _Identity(_DiagonalMap):
     """The diagonal map d(theta) = theta (the layer hands d itself to the core)."""
 
     def diag_from_theta(self, theta):
@@ -84,29 +85,38 @@ class _Identity:
         return g
 
 
-def states(ode: ODE):
-    """The states x(t_i), (m, n, S) on the arrays' device."""
+def states(ode: ODE, keep: bool = False):
+    """(states x(t_i) (m, n, S) on the arrays' device, the core's forward pass or None).
+
+    keep : keep the forward marches for ``vjp`` (a backward that does not march forward again)
+    """
     xp = ode.xp
     x0 = ode.x0 if ode.x0 is not None else xp.zeros((ode.n, ode.S), dtype=ode.dtype)
     out = xp.empty((ode.times.size, ode.n, ode.S), dtype=ode.dtype)
     if ode.at_zero:
         out[0] = x0
+    kept = None
     if ode.times.size > ode.at_zero:
-        out[ode.at_zero:] = _core_states(ode)
-    return out
+        kept = _forward(ode, keep)
+        out[ode.at_zero:] = kept.states
+    return out, (kept if keep else None)
 
 
-def vjp(ode: ODE, observed, upstream, needed) -> dict:
+def vjp(ode: ODE, observed, upstream, needed, kept=None) -> dict:
     """Gradients of L = sum_i <upstream[i], x(t_i)> for the names in ``needed`` (a subset of
     ``GRADIENTS``): values (nnz,), d (n,), f (n, S), x0 (n, S), t (m,), on the arrays' device.
 
-    observed : (m, n, S) the states from ``states(ode)``;  upstream : (m, n, S) dL/dx(t_i).
+    observed : (m, n, S) the states from ``states(ode)``;  upstream : (m, n, S) dL/dx(t_i);
+    kept : the forward pass from ``states(ode, keep=True)``, or None (marched again here).
     """
     needed = set(needed)
     at_zero = ode.at_zero
     grads = {}
     if needed & {"values", "d", "f", "x0"}:
-        grads = _core_vjp(ode, upstream[at_zero:], needed)
+        if ode.times.size > at_zero:
+            grads = _core_vjp(ode, upstream[at_zero:], needed, kept)
+        else:  # every time is 0: the states are x0
+            grads = _zero_vjp(ode, needed)
         if "x0" in needed and at_zero:
             grads["x0"] = grads["x0"] + upstream[0]
     if "t" in needed:
@@ -137,15 +147,21 @@ def _edge_matrix(ode: ODE):
     return Pattern._of_entries(ode.rows, ode.cols, ode.n).matrix(ode.values)
 
 
-def _problem(ode: ODE, loss):
-    """The core problem on the positive times, with ``loss`` (a callable user loss)."""
+def _problem(ode: ODE):
+    """The core problem on the positive times (its loss is never evaluated: the layer's
+    backward hands the upstream gradient to the adjoint pass as the jumps)."""
     xp = ode.xp
     base = ode.base
     if base is None:
         base = _zero_operator(ode)
     forcing = ode.f if ode.f is not None else xp.zeros((ode.n, ode.S), dtype=ode.dtype)
     times = ode.times[ode.at_zero:]
-    return Problem(base, forcing, T=float(times[-1]), x0=ode.x0, obs_times=times, loss=loss)
+    return Problem(base, forcing, T=float(times[-1]), x0=ode.x0, obs_times=times,
+                   loss=_no_loss)
+
+
+def _no_loss(states, columns):
+    raise RuntimeError("the layer's problem has no loss of its own")
 
 
 def _zero_operator(ode: ODE):
@@ -164,37 +180,33 @@ def _param_and_theta(ode: ODE):
     return Stack(_Identity(), EdgeParam(pattern, "identity")), xp.concatenate([d, ode.values])
 
 
-def _core_states(ode: ODE):
-    """States at the positive times (m', n, S) from the core's forward march."""
+def _forward(ode: ODE, keep: bool) -> ForwardPass:
+    """The core's forward pass to the positive times (states (m', n, S))."""
     param, theta = _param_and_theta(ode)
-    prob = _problem(ode, _LinearLoss(None))
-    return solve(prob, theta, param, k=ode.k, rtol=ode.rtol)
+    return forward_pass(_problem(ode), theta, param, k=ode.k, rtol=ode.rtol, method=ode.method,
+                        keep=keep)
 
 
-class _LinearLoss:
-    """The user loss sum_i <G_i, x(t_i)> per column; its jumps are G (the backward pass)."""
-
-    def __init__(self, upstream):
-        self.upstream = upstream  # (m', n, S); None in the forward pass (never evaluated)
-
-    def __call__(self, observed, columns):
-        xp = array_module(observed)
-        jumps = self.upstream[:, :, xp.asarray(columns)].transpose(0, 2, 1)  # (m', c, n)
-        return (jumps * observed).sum(axis=(0, 2)), jumps
-
-
-def _core_vjp(ode: ODE, upstream, needed) -> dict:
+def _core_vjp(ode: ODE, upstream, needed, kept=None) -> dict:
     """dL/d(values, d, x0, f) from the core's adjoint pass (sums over the columns)."""
-    param, theta = _param_and_theta(ode)
-    prob = _problem(ode, _LinearLoss(upstream))
+    if kept is None:
+        kept = _forward(ode, keep=True)
     wrt = ("theta",) + tuple(core for name, core in (("x0", "x0"), ("f", "F")) if name in needed)
-    _, grads = loss_and_grad(prob, theta, param, k=ode.k, rtol=ode.rtol, wrt=wrt)
-    S = ode.S  # the core returns means over the columns; the layer's loss is their sum
-    out = {"d": grads["theta"][: ode.n] * S}
+    grads, _ = adjoint_pass(kept, upstream, wrt)
+    out = {"d": grads["theta"][: ode.n]}
     if ode.rows is not None:
-        out["values"] = grads["theta"][ode.n:] * S
+        out["values"] = grads["theta"][ode.n:]
     if "x0" in needed:
-        out["x0"] = grads["x0"] * S
+        out["x0"] = grads["x0"]
     if "f" in needed:
-        out["f"] = grads["F"] * S
+        out["f"] = grads["F"]
     return out
+
+
+def _zero_vjp(ode: ODE, needed) -> dict:
+    """The gradients when every time is 0: only x0's (added by the caller) is not zero."""
+    xp = ode.xp
+    zeros = {"d": (ode.n,), "values": (0 if ode.rows is None else ode.rows.size,),
+             "f": (ode.n, ode.S), "x0": (ode.n, ode.S)}
+    return {name: xp.zeros(shape, dtype=ode.dtype) for name, shape in zeros.items()
+            if name in needed}

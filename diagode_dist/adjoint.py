@@ -16,8 +16,9 @@ import contextvars
 import numbers
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -169,20 +170,161 @@ def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, ti
         except AccuracyError:
             chosen, parts = "polynomial", run_chunks(None, max_substeps)
     loss_sum, grads = _gather(prob, param, theta_dev, chunks, parts, names)
-    if not (np.isfinite(loss_sum) and all(bool(prob.xp.isfinite(g).all())
-                                          for g in grads.values())):
+    _check_finite(loss_sum, grads, prob.xp)
+    info = _certified_info([part[2] for part in parts], rtol, k, prob.dtype, chosen)
+    grads["theta"] = to_module(grads["theta"], theta_module)
+    return loss_sum, grads, int(cols.size), info
+
+
+@dataclass
+class ForwardPass:
+    """The forward marches of one call, kept for adjoint passes with any upstream gradient of
+    the states (``forward_pass`` then ``adjoint_pass``: a framework layer's forward and
+    backward, which then march forward once)."""
+
+    prob: Problem  # its operator is A0 + W(theta)
+    param: object
+    theta: object  # on the problem's device
+    theta_module: object  # the array module theta came in
+    states: object  # (m, n, c) at the times, c = the chosen columns
+    chunks: list  # a _ChunkForward per chunk of columns
+    kept: bool  # whether the chunks' intervals were kept (else only the states)
+    threads: int
+    k: int
+    rtol: float  # the effective rtol
+    max_substeps: int
+    method: str  # the method used: "polynomial" or "rational"
+    redo: Callable | None  # the polynomial pass, when "auto" chose rational (its adjoint may
+    # crawl where the rational forward did not: then the whole call falls back)
+
+
+def forward_pass(prob: Problem, theta, param=None, *, times=None, columns=None, k: int = 30,
+                 rtol: float = DEFAULT_RTOL, max_substeps: int = MAX_SUBSTEPS,
+                 method: str = "polynomial", keep: bool = True) -> ForwardPass:
+    """States of the chosen columns at ``times`` (default: the loss's observation times), with
+    the error control of ``loss_and_grad`` (same options). With ``keep`` the marches' intervals
+    stay for ``adjoint_pass``: their bases within half the memory budget, shared by the chunks
+    (beyond it the adjoint rebuilds them), and a start state per sub-step. The rational
+    method's shift is chosen from the loss's observation times.
+
+    Raises AccuracyError when the states' error estimate exceeds rtol, FloatingPointError when
+    they overflow.
+    """
+    param, theta_dev = check_inputs(prob, theta, param, k, rtol, None, "vanloan", 2,
+                                    max_substeps, method)
+    times = tuple(prob.loss.obs_times if times is None else times)
+    cols = check_columns(columns, prob.S)
+    d, op_prob = operator_of(prob, param, theta_dev)
+    rtol = effective_rtol(rtol, prob.dtype)
+    a_norm = operator_norm(op_prob, d)
+    chosen = choose_method(method, op_prob.A0, a_norm * times[-1], k)
+    threads = _chunk_threads(prob, cols.size)
+    size = min(_default_chunk(prob, k), -(-cols.size // threads))
+    parts = [cols[lo: lo + size] for lo in range(0, cols.size, size)]
+    # every chunk's intervals live until the adjoint pass: they share the budget
+    keep_bytes = memory_budget(prob.xp) // 2 // len(parts) if keep else 0
+
+    def run(used, rational, substeps, redo=None) -> ForwardPass:
+        chunks = _map_chunks(
+            lambda part: _chunk_forward(op_prob, d, part, k, rtol, a_norm, substeps,
+                                        keep_bytes, rational, times), parts, threads, prob.xp)
+        states = _forward_states(chunks, prob, len(times), cols.size, rtol, k)
+        for chunk in chunks:  # the states are in ``states``; without keep the marches go
+            chunk.states = None
+            if not keep:
+                chunk.intervals = []
+        return ForwardPass(op_prob, param, theta_dev, array_module(theta), states, chunks,
+                           keep, threads, k, rtol, substeps, used, redo)
+
+    def polynomial():
+        return run("polynomial", None, max_substeps)
+
+    if chosen == "polynomial":
+        return polynomial()
+    if method == "rational":
+        return run("rational", _shift_invert(op_prob, d), max_substeps)
+    try:  # chosen by the a-priori model: give up early where its sub-steps pile up
+        return run("rational", _shift_invert(op_prob, d),
+                   substep_limit(max_substeps, len(times)), polynomial)
+    except AccuracyError:
+        return polynomial()
+
+
+def _forward_states(chunks, prob, m, c, rtol, k):
+    """The chunks' states (m, n, c); AccuracyError when their estimate exceeds rtol."""
+    estimate = _estimate_of(np.concatenate([chunk.acc.forward for chunk in chunks]), prob.dtype)
+    if not _certified(estimate, rtol):
+        steps = max(chunk.acc.steps for chunk in chunks)
+        raise AccuracyError(f"the error estimate {estimate:.3g} of the states exceeds "
+                            f"rtol={rtol:g} (k={k}, {steps} sub-steps); increase k or loosen "
+                            "rtol")
+    xp = prob.xp
+    out = xp.empty((m, prob.n, c), dtype=prob.dtype)
+    lo = 0
+    for chunk in chunks:
+        out[:, :, lo: lo + chunk.columns.size] = chunk.states.transpose(0, 2, 1)
+        lo += chunk.columns.size
+    return out
+
+
+def adjoint_pass(fwd: ForwardPass, upstream, names: Sequence[str] = ("theta",)):
+    """Gradient sums of L = sum_i <upstream[i], x(t_i)> over the forward pass's columns: the
+    adjoint march across its kept intervals, with the upstream gradient as the jumps.
+
+    upstream : (m, n, S) dL/dx(t_i) for the problem's columns (only the pass's are read)
+    names : among ``WRT``
+    Returns ({name: sum over the columns}, info): dL/dtheta (p,) of theta's module, dL/dx0 and
+    dL/dF (n, S) (zero outside the columns); info as ``loss_and_grad``'s, forward and adjoint.
+    AccuracyError when the gradient cannot be certified.
+    """
+    if not fwd.kept:
+        raise ValueError("adjoint_pass needs a forward_pass(..., keep=True)")
+    names = _check_wrt(names)
+    try:
+        return _adjoint_sums(fwd, upstream, names)
+    except AccuracyError:
+        if fwd.redo is None:
+            raise
+        return _adjoint_sums(fwd.redo(), upstream, names)
+
+
+def _adjoint_sums(fwd: ForwardPass, upstream, names):
+    prob, xp = fwd.prob, fwd.prob.xp
+
+    def one(chunk):
+        jumps = upstream[:, :, xp.asarray(chunk.columns)].transpose(0, 2, 1)  # (m, c, n)
+        extras = AdjointExtras(fwd.param.pattern, "F" in names, prob.n)
+        grad_d, acc = _chunk_adjoint(chunk, jumps, fwd.k, fwd.rtol, "vanloan", 2,
+                                     fwd.max_substeps, extras)
+        return 0.0, grad_d, acc, extras
+
+    parts = _map_chunks(one, fwd.chunks, fwd.threads, xp)
+    _, grads = _gather(prob, fwd.param, fwd.theta, [c.columns for c in fwd.chunks], parts,
+                       names)
+    _check_finite(0.0, grads, xp)
+    info = _certified_info([part[2] for part in parts], fwd.rtol, fwd.k, prob.dtype,
+                           fwd.method)
+    grads["theta"] = to_module(grads["theta"], fwd.theta_module)
+    return grads, info
+
+
+def _check_finite(loss_sum, grads, xp) -> None:
+    if not (np.isfinite(loss_sum) and all(bool(xp.isfinite(g).all()) for g in grads.values())):
         raise FloatingPointError(
             f"the loss ({loss_sum}) or its gradient is not finite: the solution overflows "
             "(does A = A0 + diag(d) have eigenvalues with a large positive real part?)")
-    info = _info([part[2] for part in parts], rtol, k, prob.dtype)
-    info["method"] = chosen
+
+
+def _certified_info(accs, rtol, k, dtype, method) -> dict:
+    """``_info`` of the chunks' records, refused (AccuracyError) when rtol is not met."""
+    info = _info(accs, rtol, k, dtype)
+    info["method"] = method
     if not info["rtol_met"]:
         raise AccuracyError(
             f"the error estimate {info['error_estimate']:.3g} exceeds rtol={rtol:g} "
             f"(k={k}, {info['substeps']} sub-steps): the result is refused; increase k or "
             "loosen rtol")
-    grads["theta"] = to_module(grads["theta"], theta_module)
-    return loss_sum, grads, int(cols.size), info
+    return info
 
 
 def operator_of(prob, param, theta):
@@ -280,23 +422,60 @@ def _chunk_loss_grad(prob, d, cols, k, rtol, time_integral, quad_points, a_norm,
 
     rational : None (polynomial Krylov) or (ShiftInvert, ShiftInvertSpace).
     """
-    xp, n = prob.xp, prob.n
+    fwd = _chunk_forward(prob, d, cols, k, rtol, a_norm, max_substeps,
+                         memory_budget(prob.xp) // 2, rational)
+    loss, jumps = prob.loss.evaluate(fwd.states, cols)
+    grad_d, acc = _chunk_adjoint(fwd, jumps, k, rtol, time_integral, quad_points, max_substeps,
+                                 extras)
+    return float(loss.sum()), grad_d, acc, extras
+
+
+@dataclass
+class _ChunkForward:
+    """One chunk's forward march, what its adjoint march needs (the operators, the intervals)."""
+
+    columns: np.ndarray  # (c,) host column indices
+    states: object  # (m, c, n) at the observation times
+    intervals: list  # the march's sub-steps; bases kept within the memory budget
+    acc: Accuracy
+    horizon: float  # the last observation time (the march's time scale)
+    make_apply: Callable  # the augmented operator (or its shift-and-invert counterpart)
+    apply_T: Callable  # A^T on rows (idem)
+    space: object  # None (polynomial) or the ShiftInvertSpace
+    symmetric: bool  # Lanczos for the adjoint
+
+
+def _chunk_forward(prob, d, cols, k, rtol, a_norm, max_substeps, keep_bytes, rational=None,
+                   times=None) -> _ChunkForward:
+    """The forward march of one chunk of columns to ``times`` (default: the loss's), keeping
+    sub-step bases of up to ``keep_bytes`` for the adjoint (beyond that they are rebuilt)."""
+    xp = prob.xp
     forcing, u0, make_apply, apply_T = chunk_operators(prob, d, cols)
     space, symmetric = None, prob.symmetric
     if rational is not None:  # the same marches on (I - gamma Â)^{-1}, full Arnoldi
         make_apply, apply_T = shift_invert_operators(rational[0], forcing)
         space, symmetric = rational[1], False
+    times = prob.loss.obs_times if times is None else times
     # The augmented operator inherits Lanczos structure only from a zero start: u0 = e_{n+1}.
-    horizon = prob.loss.obs_times[-1]
-    keep_bytes = memory_budget(xp) // 2
     states, intervals, acc = march_forward(
-        make_apply, u0, prob.loss.obs_times, horizon, k, rtol, keep_bytes,
-        symmetric and prob.x0 is None, forcing_norms=to_numpy(xp.linalg.norm(forcing, axis=1)),
-        a_norm=a_norm, max_substeps=max_substeps, space=space)
-    loss, jumps = prob.loss.evaluate(states, cols)
-    grad_d = march_adjoint(make_apply, apply_T, intervals, jumps, n, horizon, k, rtol, acc,
-                           time_integral, quad_points, symmetric, max_substeps, extras, space)
-    return float(loss.sum()), grad_d, acc, extras
+        make_apply, u0, times, times[-1], k, rtol, keep_bytes, symmetric and prob.x0 is None,
+        forcing_norms=to_numpy(xp.linalg.norm(forcing, axis=1)), a_norm=a_norm,
+        max_substeps=max_substeps, space=space)
+    return _ChunkForward(cols, states, intervals, acc, times[-1], make_apply, apply_T, space,
+                         symmetric)
+
+
+def _chunk_adjoint(fwd: _ChunkForward, jumps, k, rtol, time_integral, quad_points,
+                   max_substeps, extras=None):
+    """(dL/dd sum (n,), Accuracy) of the adjoint march with ``jumps`` (m, c, n) = dL/dx(t_i)
+    across a forward march's intervals; ``extras`` is filled. The forward record is left as it
+    is (a second adjoint pass over the same forward march starts afresh)."""
+    acc = replace(fwd.acc, adjoint=np.zeros_like(fwd.acc.adjoint), adjoint_dim=0,
+                  adjoint_steps=0)
+    grad_d = march_adjoint(fwd.make_apply, fwd.apply_T, fwd.intervals, jumps, jumps.shape[2],
+                           fwd.horizon, k, rtol, acc, time_integral, quad_points, fwd.symmetric,
+                           max_substeps, extras, fwd.space)
+    return grad_d, acc
 
 
 def chunk_operators(prob, d, cols):
@@ -332,20 +511,30 @@ def chunk_operators(prob, d, cols):
 def _info(accs: list[Accuracy], rtol, k, dtype) -> dict:
     fwd = np.concatenate([a.forward for a in accs])
     adj = np.concatenate([a.adjoint for a in accs])
-    # NaN propagates: never "met". No float computation of the gradient is better than a few
-    # dozen eps (measured: 3.7e-14 with a softplus saturated at theta = +-30).
-    estimate = max(float(np.max(np.concatenate([fwd, adj]))), 64 * float(np.finfo(dtype).eps))
+    estimate = _estimate_of(np.concatenate([fwd, adj]), dtype)
     return {
         "error_estimate": estimate,
         "forward_error_estimate": float(fwd.max()),
         "adjoint_error_estimate": float(adj.max()),
         "rtol": rtol,
-        "rtol_met": bool(estimate <= rtol * (1 + 1e-9)),
+        "rtol_met": _certified(estimate, rtol),
         "forward_dim": max(a.forward_dim for a in accs),
         "adjoint_dim": max(a.adjoint_dim for a in accs),
         "k": k,
         "substeps": max(a.steps for a in accs),
     }
+
+
+def _estimate_of(errors, dtype) -> float:
+    """The reported error estimate of per-column estimates (host array): their largest,
+    floored at 64 eps. NaN propagates (never certified). No float computation of the gradient
+    is better than a few dozen eps (measured: 3.7e-14 with a softplus saturated at +-30)."""
+    return max(float(np.max(errors)), 64 * float(np.finfo(dtype).eps))
+
+
+def _certified(estimate: float, rtol: float) -> bool:
+    """Whether an error estimate meets rtol (with a margin for the summation's rounding)."""
+    return bool(estimate <= rtol * (1 + 1e-9))
 
 
 def _check_theta(theta, prob, size):
@@ -391,6 +580,16 @@ def _single_threaded_blas(xp):
 
 
 _BLAS_CONTROLLER = None
+
+
+def _map_chunks(fn, chunks, threads, xp) -> list:
+    """[fn(chunk) for chunk in chunks], on a thread pool when ``threads`` > 1 (BLAS on one
+    thread each)."""
+    with _single_threaded_blas(xp):
+        if threads > 1 and len(chunks) > 1:
+            with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+                return list(pool.map(fn, chunks))
+        return [fn(chunk) for chunk in chunks]
 
 
 def _chunk_threads(prob, n_columns) -> int:

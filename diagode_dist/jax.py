@@ -30,36 +30,44 @@ from jax.experimental import sparse as jsparse
 from . import _layer
 from ._checks import check_int
 from .adjoint import DEFAULT_RTOL, MIN_K
+from .rational import check_method
 
 __all__ = ["expm_multiply", "odeint_linear"]
 
 
-def expm_multiply(A, B, t=1.0, *, rtol: float = DEFAULT_RTOL, k: int = 30):
+def expm_multiply(A, B, t=1.0, *, rtol: float = DEFAULT_RTOL, k: int = 30,
+                  method: str = "polynomial"):
     """exp(t A) B, differentiable in A's stored values, B and t (t >= 0).
 
     A : (n, n) dense array or ``jax.experimental.sparse.BCOO``, float32 or float64
     B : (n, S) or (n,) array of A's dtype;  t : real scalar >= 0 (may be traced)
     rtol, k : relative accuracy (raised to 100 eps of the dtype) and maximum Krylov dimension
+    method : "polynomial", "rational" (stiff problems: one sparse LU of I - gamma A per call)
+        or "auto", as in ``diagode_dist.torch.expm_multiply``
     Returns an array like B. A negative t is refused (ValueError when concrete).
     """
-    return odeint_linear(A, x0=B, t=jnp.reshape(jnp.asarray(t), (1,)), rtol=rtol, k=k)[0]
+    return odeint_linear(A, x0=B, t=jnp.reshape(jnp.asarray(t), (1,)), rtol=rtol, k=k,
+                         method=method)[0]
 
 
 def odeint_linear(A, f=None, x0=None, t=1.0, d=None, *, rtol: float = DEFAULT_RTOL,
-                  k: int = 30):
+                  k: int = 30, method: str = "polynomial"):
     """States of dx/dt = (A + diag(d)) x + f, x(0) = x0, at the times t: (m, n, S).
 
     A : (n, n) dense array or BCOO; f, x0 : (n, S) or (n,) arrays or None (at least one);
     t : increasing times >= 0 (number, sequence or 1-D array; may be traced);
-    d : (n,) or None. Differentiable in A's values, f, x0, d and t. When every given f / x0
-    is 1-D the result is (m, n).
+    d : (n,) or None; rtol, k, method : as in ``expm_multiply``. Differentiable in A's
+    values, f, x0, d and t. When every given f / x0 is 1-D the result is (m, n).
+    The backward marches forward again (a callback's residuals are arrays, so the forward
+    march cannot be kept for it as the PyTorch layer does).
     """
     rows, cols, values, n = _entries(A)
     f, x0, vector = _columns(f, x0, n, values.dtype)
     d = _vector(d, n, values.dtype)
     times = _times(t)
     _check_tolerances(rtol, k)
-    config = (n, f.shape[1] if f is not None else x0.shape[1], float(rtol), int(k))
+    check_method(method)
+    config = (n, f.shape[1] if f is not None else x0.shape[1], float(rtol), int(k), method)
     out = _solve(config, values, rows, cols, d, f, x0, times.astype(values.dtype))
     return out[..., 0] if vector else out
 
@@ -70,7 +78,7 @@ def _solve(config, values, rows, cols, d, f, x0, times):
 
 
 def _forward_callback(config, values, rows, cols, d, f, x0, times):
-    n, S, _, _ = config
+    n, S = config[:2]
     shape = jax.ShapeDtypeStruct((times.shape[0], n, S), values.dtype)
     return jax.pure_callback(partial(_host_states, config), shape, values, rows, cols, d, f,
                              x0, times, vmap_method="sequential")
@@ -97,15 +105,15 @@ _solve.defvjp(_solve_fwd, _solve_bwd)
 
 def _ode(config, values, rows, cols, d, f, x0, times) -> _layer.ODE:
     """The layer call on host NumPy arrays (operator = W(values) on (rows, cols))."""
-    _, _, rtol, k = config
+    _, _, rtol, k, method = config
     host = [None if a is None else np.asarray(a) for a in (values, d, f, x0)]
     return _layer.ODE(None, np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64),
-                      *host, np.asarray(times, dtype=np.float64), rtol, k)
+                      *host, np.asarray(times, dtype=np.float64), rtol, k, method)
 
 
 def _host_states(config, values, rows, cols, d, f, x0, times):
     _check_concrete_times(times)
-    return _layer.states(_ode(config, values, rows, cols, d, f, x0, times))
+    return _layer.states(_ode(config, values, rows, cols, d, f, x0, times))[0]
 
 
 def _host_vjp(config, names, values, rows, cols, d, f, x0, times, out, upstream):

@@ -14,20 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from ._array import to_numpy
-from ._march import MAX_SUBSTEPS, march_forward
-from .adjoint import (
-    DEFAULT_RTOL,
-    _default_chunk,
-    _single_threaded_blas,
-    check_inputs,
-    chunk_operators,
-    effective_rtol,
-    operator_norm,
-    operator_of,
-)
-from .errors import AccuracyError
+from ._march import MAX_SUBSTEPS
+from .adjoint import DEFAULT_RTOL, forward_pass
 from .losses import Classification
-from .problem import Problem, check_columns
+from .problem import Problem
 
 
 def solve(prob: Problem, theta, param=None, times: Sequence[float] | None = None, *,
@@ -51,27 +41,9 @@ def solve(prob: Problem, theta, param=None, times: Sequence[float] | None = None
 
     Raises AccuracyError when ``rtol`` cannot be certified.
     """
-    param, theta_dev = check_inputs(prob, theta, param, k, rtol, None, "vanloan", 2,
-                                    max_substeps)
-    at = prob.loss.obs_times if times is None else _check_times(times)
-    cols = check_columns(columns, prob.S)
-    d, op_prob = operator_of(prob, param, theta_dev)
-    rtol = effective_rtol(rtol, prob.dtype)
-    a_norm = operator_norm(op_prob, d)
-    chunk = _default_chunk(prob, k)
-    xp = prob.xp
-    out = xp.empty((len(at), prob.n, cols.size), dtype=prob.dtype)
-    with _single_threaded_blas(xp):
-        for lo in range(0, cols.size, chunk):
-            part = cols[lo: lo + chunk]
-            forcing, u0, make_apply, _ = chunk_operators(op_prob, d, part)
-            states, _, acc = march_forward(
-                make_apply, u0, at, at[-1], k, rtol, 0, op_prob.symmetric and prob.x0 is None,
-                forcing_norms=to_numpy(xp.linalg.norm(forcing, axis=1)), a_norm=a_norm,
-                max_substeps=max_substeps)
-            _check_accuracy(acc, rtol, k)
-            out[:, :, lo: lo + part.size] = states.transpose(0, 2, 1)
-    return out
+    at = None if times is None else _check_times(times)
+    return forward_pass(prob, theta, param, times=at, columns=columns, k=k, rtol=rtol,
+                        max_substeps=max_substeps, keep=False).states
 
 
 def predict_proba(prob: Problem, theta, param=None, *, columns=None, k: int = 30,
@@ -108,11 +80,3 @@ def _check_times(times) -> tuple[float, ...]:
     if values[0] <= 0 or np.any(np.diff(values) <= 0):
         raise ValueError(f"times must increase strictly from > 0, got {values}")
     return tuple(float(t) for t in values)
-
-
-def _check_accuracy(acc, rtol, k) -> None:
-    estimate = float(np.max(acc.forward))
-    if not estimate <= rtol * (1 + 1e-9):
-        raise AccuracyError(f"the error estimate {estimate:.3g} of the states exceeds "
-                            f"rtol={rtol:g} (k={k}, {acc.steps} sub-steps); increase k or loosen "
-                            "rtol")

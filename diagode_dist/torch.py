@@ -29,8 +29,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _layer
+from ._array import is_sparse
 from ._checks import check_int
 from .adjoint import DEFAULT_RTOL, MIN_K
+from .rational import check_method
 
 __all__ = ["expm_multiply", "odeint_linear", "LinearODE"]
 
@@ -38,7 +40,7 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 def expm_multiply(A: torch.Tensor, B: torch.Tensor, t=1.0, *, rtol: float = DEFAULT_RTOL,
-                  k: int = 30) -> torch.Tensor:
+                  k: int = 30, method: str = "polynomial") -> torch.Tensor:
     """exp(t A) B, differentiable in A's stored values (on its pattern), B and t.
 
     Parameters
@@ -48,6 +50,11 @@ def expm_multiply(A: torch.Tensor, B: torch.Tensor, t=1.0, *, rtol: float = DEFA
     t : real number or 0-d tensor (any sign; t < 0 runs exp(|t| (-A)))
     rtol : relative accuracy of the Krylov projections (raised to 100 eps of the dtype)
     k : maximum Krylov dimension per sub-step (>= 8)
+    method : "polynomial" (Krylov spaces of A, matrix-free), "rational" (shift-and-invert
+        spaces of (I - gamma A)^{-1}, one sparse LU per call, on the host: for stiff problems,
+        ||t A|| in the thousands; A sparse or requiring grad) or "auto" (chosen per call from
+        ||t A||_1, nnz and n), as ``diagode_dist.loss_and_grad``'s; the backward uses the
+        forward's
 
     Returns
     -------
@@ -57,13 +64,15 @@ def expm_multiply(A: torch.Tensor, B: torch.Tensor, t=1.0, *, rtol: float = DEFA
     value = float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
     sign = -1.0 if value < 0 else 1.0  # exp(t A) = exp(|t| (sign A)); the time stays >= 0
     times = t * sign if isinstance(t, torch.Tensor) else abs(value)
-    states = odeint_linear(_scaled(A, sign), x0=B, t=_as_times(times, A), rtol=rtol, k=k)
+    states = odeint_linear(_scaled(A, sign), x0=B, t=_as_times(times, A), rtol=rtol, k=k,
+                           method=method)
     return states[0]
 
 
 def odeint_linear(A: torch.Tensor, f: torch.Tensor | None = None,
                   x0: torch.Tensor | None = None, t=1.0, d: torch.Tensor | None = None, *,
-                  rtol: float = DEFAULT_RTOL, k: int = 30) -> torch.Tensor:
+                  rtol: float = DEFAULT_RTOL, k: int = 30,
+                  method: str = "polynomial") -> torch.Tensor:
     """States of dx/dt = (A + diag(d)) x + f, x(0) = x0, at the times t.
 
     Parameters
@@ -75,7 +84,7 @@ def odeint_linear(A: torch.Tensor, f: torch.Tensor | None = None,
     t : real number, sequence or 1-D tensor of times, 0 <= t_1 < ... < t_m (same unit as 1/A);
         a tensor requiring grad gets dL/dt_i = <dL/dx(t_i), dx/dt(t_i)>
     d : (n,) diagonal added to A, or None
-    rtol, k : as in ``expm_multiply``
+    rtol, k, method : as in ``expm_multiply``
 
     Returns
     -------
@@ -86,8 +95,9 @@ def odeint_linear(A: torch.Tensor, f: torch.Tensor | None = None,
     f, x0, vector = _columns(f, x0, spec)
     d = _vector(d, "d", spec)
     times = _as_times(t, A)
-    _check_tolerances(rtol, k)
-    spec.update(rtol=float(rtol), k=int(k))
+    dense_fixed = spec["base"] is not None and not is_sparse(spec["base"])
+    _check_tolerances(rtol, k, method, dense_fixed)
+    spec.update(rtol=float(rtol), k=int(k), method=method)
     out = _LinearODEFunction.apply(spec, values, d, f, x0, times)
     return out[..., 0] if vector else out
 
@@ -106,7 +116,8 @@ class LinearODE(torch.nn.Module):
     generator : subtract the edges' row sums from the diagonal (A0 + W - diag(W 1): rows of the
         added part sum to zero -- graph Laplacians, Markov generators, exchange between nodes)
     times : observation times 0 <= t_1 < ... < t_m
-    dtype : torch.float64 (default) or torch.float32;  rtol, k : as in ``expm_multiply``
+    dtype : torch.float64 (default) or torch.float32
+    rtol, k, method : as in ``expm_multiply``
 
     ``forward(f=None, x0=None)`` returns the states (m, n, S). Parameters: ``theta_diag`` (n,)
     and ``theta_edges`` (nnz,), both initialised to zero.
@@ -114,21 +125,22 @@ class LinearODE(torch.nn.Module):
 
     def __init__(self, A0, pattern=None, *, diagonal: str | None = "softplus",
                  edges: str = "identity", generator: bool = False, times=(1.0,),
-                 dtype: torch.dtype = torch.float64, rtol: float = DEFAULT_RTOL, k: int = 30):
+                 dtype: torch.dtype = torch.float64, rtol: float = DEFAULT_RTOL, k: int = 30,
+                 method: str = "polynomial"):
         super().__init__()
         if dtype not in _FLOATS:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         _check_choice(diagonal, "diagonal", ("softplus", "exp", "identity", None))
         _check_choice(edges, "edges", ("identity", "softplus", "exp"))
-        _check_tolerances(rtol, k)
         self.register_buffer("A0", _as_torch_operator(A0, "A0", dtype))
+        _check_tolerances(rtol, k, method, self.A0.layout == torch.strided, "A0")
         n = self.A0.shape[0]
         rows, cols = _pattern_entries(pattern, n)
         self.register_buffer("edge_rows", rows)
         self.register_buffer("edge_cols", cols)
         self.register_buffer("times", _as_times(times, self.A0))
         self.diagonal, self.edges, self.generator = diagonal, edges, bool(generator)
-        self.rtol, self.k = float(rtol), int(k)
+        self.rtol, self.k, self.method = float(rtol), int(k), method
         self.theta_diag = torch.nn.Parameter(torch.zeros(n, dtype=dtype)) if diagonal else None
         self.theta_edges = (torch.nn.Parameter(torch.zeros(rows.numel(), dtype=dtype))
                             if rows.numel() else None)
@@ -158,7 +170,7 @@ class LinearODE(torch.nn.Module):
             spec["rows"] = self.edge_rows.cpu().numpy()
             spec["cols"] = self.edge_cols.cpu().numpy()
         f, x0, vector = _columns(f, x0, spec)
-        spec.update(rtol=self.rtol, k=self.k)
+        spec.update(rtol=self.rtol, k=self.k, method=self.method)
         d = self.diag()
         out = _LinearODEFunction.apply(spec, self.weights(), d, f, x0, self.times)
         return out[..., 0] if vector else out
@@ -182,9 +194,12 @@ class _LinearODEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, values, d, f, x0, times):
         ctx.spec = spec
+        # the backward's adjoint march reuses the forward march (one march each way)
+        keep = any(ctx.needs_input_grad[1:5])
         with _on_device(spec["device"]):
             ode = _ode(spec, values, d, f, x0, times)
-            out = _from_xp(_layer.states(ode), spec["device"])
+            states, ctx.kept = _layer.states(ode, keep=keep)
+            out = _from_xp(states, spec["device"])
         ctx.save_for_backward(values, d, f, x0, times, out)
         return out
 
@@ -198,7 +213,10 @@ class _LinearODEFunction(torch.autograd.Function):
                   if need]
         with _on_device(spec["device"]):
             ode = _ode(spec, values, d, f, x0, times)
-            grads = _layer.vjp(ode, _to_xp(out), _to_xp(upstream.contiguous()), needed)
+            # the kept marches go with this backward (a second one, retain_graph=True,
+            # marches forward again): their memory is not held as long as the graph
+            kept, ctx.kept = ctx.kept, None
+            grads = _layer.vjp(ode, _to_xp(out), _to_xp(upstream.contiguous()), needed, kept)
             result = [_from_xp(grads[name], spec["device"]) if name in needed else None
                       for name in names]
         if result[4] is not None:
@@ -213,7 +231,7 @@ def _ode(spec, values, d, f, x0, times) -> _layer.ODE:
         rows, cols = spec["rows"], spec["cols"]
     return _layer.ODE(spec["base"], rows, cols, _to_xp(values), _to_xp(d), _to_xp(f),
                       _to_xp(x0), times.detach().cpu().numpy().astype(np.float64),
-                      spec["rtol"], spec["k"])
+                      spec["rtol"], spec["k"], spec["method"])
 
 
 def _to_xp(tensor):
@@ -374,10 +392,16 @@ def _check_operator(A, name):
         raise TypeError(f"{name} must be float32 or float64, got {A.dtype}")
 
 
-def _check_tolerances(rtol, k):
+def _check_tolerances(rtol, k, method, dense_fixed: bool, name="A"):
+    """rtol, k and method; dense_fixed: the operator ``name`` is dense and does not require
+    grad (the core gets it as a dense array, which the rational method cannot factorize)."""
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 < rtol < 1:
         raise ValueError(f"rtol must be a number in (0, 1), got {rtol!r}")
     check_int(k, "k", MIN_K)
+    check_method(method)
+    if method == "rational" and dense_fixed:
+        raise ValueError(f"method='rational' needs a sparse {name} (CSR or COO), or one that "
+                         "requires grad: the shift-and-invert space factorizes I - gamma A")
 
 
 def _check_choice(value, name, choices):

@@ -77,6 +77,32 @@ def test_odeint_linear_matches_jax_expm_grad_for_every_input():
         assert _rel(a, b) < 1e-10
 
 
+def test_rational_method_matches_jax_expm_grad_on_a_stiff_grid():
+    """method="rational" (forward and backward) on a 3 x 3 grid Laplacian, ||t A|| ~ 100."""
+    import scipy.sparse as sp
+
+    path = sp.diags([np.ones(2), -2 * np.ones(3), np.ones(2)], [-1, 0, 1])
+    L = sp.coo_matrix(sp.kron(path, sp.identity(3)) + sp.kron(sp.identity(3), path))
+    indices = jnp.asarray(np.stack([L.row, L.col], axis=1))
+    n, S = 9, 2
+    rng = np.random.default_rng(6)
+    B, upstream = (jnp.asarray(rng.standard_normal((n, S))) for _ in range(2))
+
+    def ours(values, B, t):
+        A = BCOO((values, indices), shape=(n, n))
+        return (ddj.expm_multiply(A, B, t, method="rational") * upstream).sum()
+
+    def peer(values, B, t):
+        A = BCOO((values, indices), shape=(n, n)).todense()
+        return ((jax.scipy.linalg.expm(t * A) @ B) * upstream).sum()
+
+    args = (jnp.asarray(L.data), B, 15.0)
+    mine = jax.grad(ours, argnums=(0, 1, 2))(*args)
+    theirs = jax.grad(peer, argnums=(0, 1, 2))(*args)
+    for a, b in zip(mine, theirs, strict=True):
+        assert _rel(a, b) < 1e-10
+
+
 def test_check_grads_reverse_mode():
     n, S = 6, 2
     sparse = _operator(n, seed=3)
@@ -123,6 +149,7 @@ def test_bad_arguments_raise_clear_errors():
         (lambda: ddj.odeint_linear(A, f=B, t=[1.0, 0.2]), ValueError, "t must increase"),
         (lambda: ddj.odeint_linear(A, f=B, d=B), ValueError, "d must have shape"),
         (lambda: ddj.odeint_linear(A, f=B, k=2), ValueError, "k must be >= 8"),
+        (lambda: ddj.odeint_linear(A, f=B, method="lu"), ValueError, "method must be one of"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):

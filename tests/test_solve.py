@@ -8,7 +8,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 import diagode_dist as dd
-from diagode_dist.reference import observed_states, relative_error
+from diagode_dist.reference import exact_loss_and_grad, observed_states, relative_error
 
 N, S = 12, 5
 
@@ -81,3 +81,69 @@ def test_bad_inputs():
         dd.predict(mse, theta)
     with pytest.raises(TypeError, match="prob"):
         dd.predict_proba("problem", theta)
+
+
+def _linear_problem(A0, upstream, times, seed=0):
+    """A problem whose loss is sum_i <upstream[i], x(t_i)> (its jumps are ``upstream``)."""
+    n, S = upstream.shape[1:]
+    rng = np.random.default_rng(seed)
+
+    def linear(states, columns):
+        jumps = upstream[:, :, columns].transpose(0, 2, 1)
+        return (jumps * states).sum(axis=(0, 2)), jumps
+
+    return dd.Problem(A0, rng.standard_normal((n, S)), x0=rng.standard_normal((n, S)),
+                      T=times[-1], obs_times=times, loss=linear)
+
+
+@pytest.mark.parametrize("method", ["polynomial", "rational"])
+def test_forward_and_adjoint_pass_match_the_exact_reference(method):
+    """forward_pass (states) then adjoint_pass (upstream gradient as the jumps), as a layer's
+    forward and backward: states, dL/dtheta, dL/dx0, dL/dF of the dense reference. A column
+    without jumps (zero upstream) is part of it."""
+    from diagode_dist.adjoint import adjoint_pass, forward_pass
+
+    A0 = 20.0 * sp.csr_matrix(sp.diags([1.0, -2.0, 1.0], [-1, 0, 1], shape=(N, N)))  # stiff
+    rng = np.random.default_rng(4)
+    upstream = rng.standard_normal((2, N, S))
+    upstream[:, :, 1] = 0.0
+    times = [0.5, 1.5]
+    prob = _linear_problem(A0, upstream, times)
+    theta = rng.standard_normal(N)
+    fwd = forward_pass(prob, theta, method=method)
+    exact = observed_states(A0.toarray(), prob.F, prob.x0, times, theta)
+    for i in range(2):
+        assert relative_error(fwd.states[i], exact[i]) <= 1e-11
+    grads, info = adjoint_pass(fwd, upstream, ("theta", "x0", "F"))
+    assert info["method"] == method and info["rtol_met"]
+    _, ref = exact_loss_and_grad(prob, theta, wrt=("theta", "x0", "F"))
+    for name in ("theta", "x0", "F"):  # the reference: means over the columns
+        assert relative_error(grads[name], ref[name] * S) <= 1e-10
+    again, _ = adjoint_pass(fwd, 2.0 * upstream)  # the kept marches serve any upstream
+    assert relative_error(again["theta"], 2.0 * ref["theta"] * S) <= 1e-10
+
+
+def test_adjoint_pass_keeps_within_the_budget_and_rebuilds_the_rest(monkeypatch):
+    """The kept bases of every chunk together stay within half the memory budget (the chunks'
+    intervals all live until the adjoint pass); bases beyond it are rebuilt, exactly."""
+    import diagode_dist.adjoint as core
+    from diagode_dist._march import projection_bytes
+
+    budget = 40_000  # bytes: a chunk of 1 column; a few bases kept in all
+    monkeypatch.setattr(core, "memory_budget", lambda xp: budget)
+    rng = np.random.default_rng(5)
+    upstream = rng.standard_normal((1, N, S))
+    prob = _linear_problem(rng.standard_normal((N, N)), upstream, [3.0])
+    theta = rng.standard_normal(N)
+    fwd = core.forward_pass(prob, theta, k=12)  # k < n + 1: sub-steps
+    assert len(fwd.chunks) > 1
+    intervals = [iv for chunk in fwd.chunks for iv in chunk.intervals]
+    bases = sum(int(iv.dims.max()) * iv.start.nbytes for iv in intervals)
+    assert bases > budget  # all would not fit (one chunk's share each would have kept more)
+    kept = [projection_bytes(iv.projection) for iv in intervals if iv.projection is not None]
+    assert 0 < sum(kept) <= budget // 2
+    grads, _ = core.adjoint_pass(fwd, upstream)
+    _, ref = exact_loss_and_grad(prob, theta)
+    assert relative_error(grads["theta"], ref * S) <= 1e-10
+    with pytest.raises(ValueError, match="keep=True"):
+        core.adjoint_pass(core.forward_pass(prob, theta, keep=False), upstream)

@@ -224,6 +224,97 @@ def test_linear_ode_module_trains_diagonal_and_generator_edges():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def _grid_laplacian(m):
+    """The 5-point Laplacian of an m x m grid (unit spacing), SciPy CSR: stiff for t ~ 10."""
+    path = sp.diags([np.ones(m - 1), -2 * np.ones(m), np.ones(m - 1)], [-1, 0, 1])
+    return sp.csr_matrix(sp.kron(path, sp.identity(m)) + sp.kron(sp.identity(m), path))
+
+
+def _torch_csr(matrix, values):
+    return torch.sparse_csr_tensor(torch.tensor(matrix.indptr, dtype=torch.int64),
+                                   torch.tensor(matrix.indices, dtype=torch.int64), values,
+                                   matrix.shape)
+
+
+def test_rational_method_gradcheck_on_a_stiff_sparse_problem():
+    """method="rational" (shift-and-invert spaces, forward and backward): gradcheck for every
+    input, and the gradients of matrix_exp + autograd to 1e-10, at ||t A|| ~ 100."""
+    L = _grid_laplacian(3)  # n = 9, ||A||_2 ~ 6.8
+    n, S = 9, 2
+    values = torch.tensor(L.data, requires_grad=True)
+    gen = torch.Generator().manual_seed(8)
+
+    def vec(*shape):
+        return torch.randn(*shape, dtype=F64, generator=gen).requires_grad_()
+
+    times = torch.tensor([4.0, 15.0], dtype=F64, requires_grad=True)
+
+    def layer(v, f, x0, d, t):
+        return ddt.odeint_linear(_torch_csr(L, v), f=f, x0=x0, t=t, d=d, method="rational")
+
+    inputs = (values, vec(n, S), vec(n, S), 0.1 * vec(n).detach().requires_grad_(), times)
+    assert torch.autograd.gradcheck(layer, inputs)
+    v, f, x0, d, t = inputs
+    upstream = torch.randn(2, n, S, dtype=F64, generator=gen)
+    ours = torch.autograd.grad((layer(*inputs) * upstream).sum(), inputs)
+    A = _torch_csr(L, v).to_dense() + torch.diag(d)
+    peer = torch.autograd.grad((_augmented_states(A, f, x0, t) * upstream).sum(), inputs)
+    for mine, theirs in zip(ours, peer, strict=True):
+        assert _rel(mine, theirs) < 1e-10
+
+
+def test_backward_reuses_the_forward_march(monkeypatch):
+    """One forward march per layer call, forward and backward together (the backward walks
+    the kept intervals); a second backward (retain_graph) marches again and agrees."""
+    import diagode_dist.adjoint as core
+
+    calls = []
+    march = core.march_forward
+    monkeypatch.setattr(core, "march_forward", lambda *a, **kw: calls.append(1) or march(*a, **kw))
+    n, S = 12, 3
+    A = _random_operator(n, seed=9)
+    values = A.to_sparse_csr().values().clone().requires_grad_()
+    x0 = torch.randn(n, S, dtype=F64, requires_grad=True)
+    states = ddt.odeint_linear(_csr(A, values), x0=x0, t=[0.5, 1.0])
+    upstream = torch.randn_like(states)
+    first = torch.autograd.grad((states * upstream).sum(), (values, x0), retain_graph=True)
+    assert len(calls) == 1
+    second = torch.autograd.grad((states * upstream).sum(), (values, x0))
+    assert len(calls) == 2
+    peer = _augmented_states(_csr(A, values).to_dense(), torch.zeros(n, S, dtype=F64), x0,
+                             [0.5, 1.0])
+    expected = torch.autograd.grad((peer * upstream).sum(), (values, x0))
+    for a, b, c in zip(first, second, expected, strict=True):
+        assert _rel(a, c) < 1e-10 and _rel(b, c) < 1e-10
+    calls.clear()
+    with torch.no_grad():  # inference: nothing kept, one march
+        ddt.odeint_linear(_csr(A, values), x0=x0, t=[0.5, 1.0])
+    assert len(calls) == 1
+
+
+def test_linear_ode_module_with_the_rational_method():
+    """LinearODE(method="rational") on a stiff grid: states and gradients of a dense model."""
+    m = 3
+    n, S = m * m, 2
+    layer = ddt.LinearODE(10.0 * _grid_laplacian(m), _grid_laplacian(m), diagonal="softplus",
+                          edges="softplus", times=[1.0, 2.0], method="rational")
+    x0 = torch.randn(n, S, dtype=F64)
+    states = layer(x0=x0)
+    W = torch.zeros(n, n, dtype=F64).index_put(
+        (layer.edge_rows, layer.edge_cols), torch.nn.functional.softplus(layer.theta_edges),
+        accumulate=True)
+    A = (torch.tensor(10.0 * _grid_laplacian(m).toarray()) + W
+         - torch.diag(torch.nn.functional.softplus(layer.theta_diag)))
+    peer = _augmented_states(A, torch.zeros(n, S, dtype=F64), x0, [1.0, 2.0])
+    assert _rel(states, peer) < 1e-10
+    upstream = torch.randn_like(states)
+    params = (layer.theta_diag, layer.theta_edges)
+    g_ours = torch.autograd.grad((states * upstream).sum(), params)
+    g_peer = torch.autograd.grad((peer * upstream).sum(), params)
+    for mine, theirs in zip(g_ours, g_peer, strict=True):
+        assert _rel(mine, theirs) < 1e-10
+
+
 def test_bad_arguments_raise_clear_errors():
     A = _random_operator(6)
     B = torch.randn(6, 2, dtype=F64)
@@ -243,6 +334,11 @@ def test_bad_arguments_raise_clear_errors():
         (lambda: ddt.odeint_linear(A, f=B, k=4), ValueError, "k must be >= 8"),
         (lambda: ddt.LinearODE(A, diagonal="relu"), ValueError, "diagonal must be one of"),
         (lambda: ddt.LinearODE(A, np.ones((5, 5))), ValueError, "pattern must be"),
+        (lambda: ddt.odeint_linear(A, f=B, method="lu"), ValueError, "method must be one of"),
+        (lambda: ddt.expm_multiply(A, B, method="rational"), ValueError,
+         "method='rational' needs a sparse A"),
+        (lambda: ddt.LinearODE(A, method="rational"), ValueError,
+         "method='rational' needs a sparse A0"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
@@ -304,6 +400,34 @@ def test_hybrid_example_quick(tmp_path):
                                                                          rel=1e-6)
     assert (tmp_path / "loss.png").stat().st_size > 2000
     assert "torchdiffeq adjoint" in proc.stdout
+
+
+def test_spectral_stiff_reference_matches_the_dense_reference():
+    """The benchmark's reference at n = 16384 (sine transform) against reference.py's dense
+    Van Loan exponential on small grids, stiff (||t A|| = 5000) and mild."""
+    from benchmarks.layer import exact_stiff_gradients, spectral_stiff_gradients, stiff_arrays
+
+    for m, t in ((5, None), (6, 0.5)):
+        arrays = stiff_arrays(m, 3, seed=m)
+        if t is not None:
+            arrays["t"] = t
+        dense, spectral = exact_stiff_gradients(arrays), spectral_stiff_gradients(arrays, 7)
+        for name in ("values", "B"):
+            assert _rel(torch.tensor(spectral[name]), torch.tensor(dense[name])) < 1e-11
+
+
+def test_layer_benchmark_isolates_each_method():
+    """The stiff table's harness: our layer in its own process, scored against the spectral
+    reference; a peer past its budget is stopped and reported with how far it got."""
+    from benchmarks.layer import OURS, spectral_stiff_gradients, stiff_arrays, stiff_rows
+
+    arrays = stiff_arrays(6, 2)
+    exact = spectral_stiff_gradients(arrays)
+    peer = "torchdiffeq odeint_adjoint, dopri5 1e-08"
+    ours = stiff_rows(arrays, exact, 120.0, 4.0, lambda message: None, methods=[OURS])[0]
+    assert float(ours[3]) < 1e-7 and "rational" in ours[5]
+    stopped = stiff_rows(arrays, exact, 0.5, 4.0, lambda message: None, methods=[peer])[0]
+    assert stopped[1] == "> 0.5" and stopped[5].startswith("did not finish in 0 s")
 
 
 def test_layer_benchmark_reference_matches_the_layer():
