@@ -270,7 +270,7 @@ class ShiftInvertSpace:
         keep = inside[:, :, None] & inside[:, None, :]
         eye = xp.eye(m, dtype=square.dtype)
         # identity beyond the column's dimension, so that H is invertible and A_m zero there;
-        # a zero start (a column without adjoint jumps) has H = 0: A_m = 0 (y is zero anyway)
+        # a zero start (a column without adjoint jumps) has H = 0: A_m = mu I (y is zero anyway)
         started = xp.any(square != 0, axis=(1, 2))[:, None, None]
         padded = xp.where(keep & started, square, eye)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
