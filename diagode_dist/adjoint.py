@@ -252,7 +252,7 @@ def operator_norm(prob, d) -> float:
 def _shift_invert(prob, d):
     """(factorization of I - gamma A, its space) for the rational method."""
     gamma = shift_for(prob.loss.obs_times)
-    return ShiftInvert(prob.A0, d, gamma), ShiftInvertSpace(gamma)
+    return ShiftInvert(prob.A0, d, gamma), ShiftInvertSpace(gamma, prob.dtype)
 
 
 def check_inputs(prob, theta, param=None, k=30, rtol=DEFAULT_RTOL, max_chunk_columns=None,

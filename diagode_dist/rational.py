@@ -184,15 +184,25 @@ class ShiftInvertSpace:
     shift-inverted operator, which lie in its field of values, so a non-normal H cannot push
     them far to the right."""
 
-    def __init__(self, gamma: float):
+    def __init__(self, gamma: float, dtype=np.float64):
+        """gamma: the shift; dtype: the working precision (float32 or float64)."""
         self.gamma = float(gamma)
+        # The march multiplies the limit by the start norms in the working precision: 1e60
+        # is inf in float32, and inf x a zero norm (an underflowed start) NaN, which refuses
+        # every step. sqrt(max) (1.8e19 in float32) stays finite and still exceeds what a
+        # float32 state may grow to before its overflow check (max^0.4).
+        self.growth_limit = min(self.growth_limit, float(np.finfo(dtype).max) ** 0.5)
 
     def operator(self, square, dims=None):
         """A_m (c, m, m) from H_m (c, m, m); zero beyond each column's dimension dims (c,)."""
         xp = array_module(square)
         c, m, _ = square.shape
         dims = np.full(c, m) if dims is None else np.asarray(dims)
-        inside = xp.asarray(np.arange(m)[None, :] < dims[:, None])  # (c, m)
+        # A zero start (a state or adjoint that underflowed to 0, as stiff decay does in
+        # float32) projects to H = 0, which has no inverse: its A_m is zero (so are its
+        # coefficients, beta = 0).
+        started = xp.any(square[:, :, 0] != 0, axis=1)  # (c,)
+        inside = xp.asarray(np.arange(m)[None, :] < dims[:, None]) & started[:, None]  # (c, m)
         keep = inside[:, :, None] & inside[:, None, :]
         eye = xp.eye(m, dtype=square.dtype)
         # identity beyond the column's dimension, so that H is invertible and A_m zero there
