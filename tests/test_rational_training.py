@@ -319,7 +319,8 @@ def test_dask_run_with_rational_matches_fit_and_checkpoints_the_method(client, s
     theta_fit, history_fit, _ = fits["rational"]
     assert relative_error(theta, theta_fit) <= 1e-12
     np.testing.assert_allclose(history, history_fit, rtol=1e-12)
-    assert relative_error(theta, fits["polynomial"][0]) > 1e-12  # the shards ran rational
+    # the shards ran rational: nearer to the rational fit than the methods are to each other
+    assert relative_error(theta, theta_fit) < relative_error(theta, fits["polynomial"][0]) / 10
     assert made == _shard_steps(prob.S, 3, TRAIN["epochs"], TRAIN["batch_size"], TRAIN["seed"])
 
     path = checkpoint_path(tmp_path)
@@ -365,4 +366,5 @@ def test_cli_train_with_method_rational(tmp_path, stiff, fits):
     theta = np.load(tmp_path / "out" / "theta.npy")
     assert not theta0.any()  # the CLI starts from theta0 = 0, as the fits did
     assert relative_error(theta, fits["rational"][0]) <= 1e-12
-    assert relative_error(theta, fits["polynomial"][0]) > 1e-12
+    assert relative_error(theta, fits["rational"][0]) < \
+        relative_error(theta, fits["polynomial"][0]) / 10
