@@ -22,6 +22,7 @@ import scipy.sparse as sp
 
 import diagode_dist as dd
 from diagode_dist import adjoint, rational
+from diagode_dist._array import gpu_available
 from diagode_dist.config import parse_config
 from diagode_dist.optim import Adam
 from diagode_dist.options import TrainOptions
@@ -266,6 +267,32 @@ def test_float32_rational_stays_float32_and_is_right(case, monkeypatch):
     err = relative_error(grad, ref_grad)
     assert err <= 10 * info["rtol"], (err, info)
     assert info["error_estimate"] >= err / 10  # honest
+    assert abs(loss - ref_loss) <= 10 * info["rtol"] * abs(ref_loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a visible CUDA device (the gpu "
+                                                "extra)")
+def test_float32_rational_on_gpu_is_right():  # pragma: no cover - GPU only
+    """cupyx's splu factorizes on the host and solves on the device: float32 throughout, and
+    the result as right as on the CPU."""
+    import cupy
+
+    prob, theta = _observed_2d()
+    ref_loss, ref_grad = exact_loss_and_grad(prob, theta, precise=True)
+    on_gpu = _float32(prob).to_device(cupy)
+    for rtol in (1e-4, 1e-3):
+        try:
+            loss, grad, info = dd.loss_and_grad(on_gpu, cupy.asarray(theta, dtype=cupy.float32),
+                                                rtol=rtol, method="rational", return_info=True)
+            break
+        except dd.AccuracyError:
+            continue
+    else:
+        pytest.fail("float32 on the GPU refused even rtol = 1e-3")
+    assert isinstance(grad, cupy.ndarray) and grad.dtype == cupy.float32
+    err = relative_error(cupy.asnumpy(grad), ref_grad)
+    assert info["rtol_met"] and err <= 10 * info["rtol"]
     assert abs(loss - ref_loss) <= 10 * info["rtol"] * abs(ref_loss)
 
 
