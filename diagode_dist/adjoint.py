@@ -399,7 +399,7 @@ def _shift_invert(prob, d):
     """(factorization of I - gamma (A - mu I), its space) for the rational method."""
     gamma = shift_for(prob.loss.obs_times)
     shift = rightmost_estimate(prob.A0, d, gamma)
-    return ShiftInvert(prob.A0, d, gamma, shift), ShiftInvertSpace(gamma, shift)
+    return ShiftInvert(prob.A0, d, gamma, shift), ShiftInvertSpace(gamma, shift, prob.dtype)
 
 
 def check_inputs(prob, theta, param=None, k=30, rtol=DEFAULT_RTOL, max_chunk_columns=None,

@@ -26,7 +26,8 @@ A configuration names a problem stored in files, the training options and where 
     # k = 30, batch_size = 32, weight_decay = 0.0, clamp = [-50.0, 50.0], seed = 0,
     # rtol = 1e-12, max_chunk_columns, log_every = 0, n_shards = <number of workers>,
     # checkpoint_every = 10, step_timeout = 300.0,
-    # param = "softplus" (d = -softplus(theta)) or "exp" (d = -exp(theta))
+    # param = "softplus" (d = -softplus(theta)) or "exp" (d = -exp(theta)),
+    # method = "polynomial" | "rational" (shift-and-invert: stiff, sparse A0) | "auto"
 
     [output]
     dir = "out"          # optional; default ./diagode-out in the current directory

@@ -27,6 +27,7 @@ from typing import Any
 
 from diagode_dist.adjoint import DEFAULT_RTOL
 from diagode_dist.param import ExpParam, SoftplusParam, check_param
+from diagode_dist.rational import METHODS
 
 __all__ = ["TrainOptions", "DEMO_OPTIONS", "PARAMS", "option_fields", "add_option_flags",
            "options_from_flags", "with_options", "takes_options"]
@@ -107,15 +108,23 @@ def _param(name: str, value: Any):
     return value
 
 
+def _method(name: str, value: Any) -> str:
+    if not isinstance(value, str) or value not in METHODS:
+        raise ValueError(f"{name} must be one of {', '.join(METHODS)}, got {value!r}")
+    return value
+
+
 def _option(default: Any, check: Callable[[str, Any], Any], help: str, *, flag: str = "one",
-            service: bool = False, metavar: str | None = None):
+            service: bool = False, metavar: str | None = None,
+            choices: tuple[str, ...] = ()):
     """A field of TrainOptions: its default, its check, its help text and how it is flagged.
 
-    flag: "one" (one value on the command line), "pair" (two values), "choice" (a name).
-    service: True for options that only the Dask service uses.
+    flag: "one" (one value on the command line), "pair" (two values), "choice" (one of
+    ``choices``). service: True for options that only the Dask service uses.
     """
     return field(default=default, metadata={"check": check, "help": help, "flag": flag,
-                                            "service": service, "metavar": metavar})
+                                            "service": service, "metavar": metavar,
+                                            "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -137,7 +146,12 @@ class TrainOptions:
         None, _optional(_int_at_least(1)), "columns per computed chunk (default: from memory)")
     param: Any = _option("softplus", _param,
                          "diagonal map: softplus (d = -softplus theta) or exp (d = -exp theta)",
-                         flag="choice")
+                         flag="choice", choices=tuple(PARAMS))
+    method: str = _option(
+        "polynomial", _method,
+        "Krylov spaces: polynomial (matrix-free), rational (shift-and-invert, one sparse "
+        "factorization per step: stiff sparse A0) or auto (by an a-priori cost model)",
+        flag="choice", choices=METHODS)
     log_every: int = _option(0, _int_at_least(0),
                              "log the mean loss every N steps (0: never)")
     n_shards: int | None = _option(None, _optional(_int_at_least(1)),
@@ -268,7 +282,8 @@ def add_option_flags(parser: argparse.ArgumentParser, defaults: TrainOptions | N
         if spec.metadata["flag"] == "pair":
             kwargs.update(nargs=2, metavar=spec.metadata["metavar"])
         if spec.metadata["flag"] == "choice":
-            kwargs.update(choices=sorted(PARAMS), type=str, metavar="{" + ",".join(PARAMS) + "}")
+            choices = spec.metadata["choices"]
+            kwargs.update(choices=choices, type=str, metavar="{" + ",".join(choices) + "}")
         if defaults is None:
             kwargs["default"] = argparse.SUPPRESS
         else:

@@ -258,21 +258,29 @@ class ShiftInvertSpace:
     rounding of the step's Van Loan integral, 0.1 eps sigma ||A_m||_1, which for one step over
     a whole interval grows with ||TA|| (the polynomial path's sub-steps keep it near k eps)."""
 
-    def __init__(self, gamma: float, shift: float = 0.0):
+    def __init__(self, gamma: float, shift: float = 0.0, dtype=np.float64):
+        """gamma, shift: the pole is 1/gamma + shift; dtype: the working precision."""
         self.gamma, self.shift = float(gamma), float(shift)
+        # The march multiplies the limit by the start norms in the working precision: 1e60
+        # is inf in float32, and inf x a zero norm (an underflowed start) NaN, which refuses
+        # every step. sqrt(max) (1.8e19 in float32) stays finite and still exceeds what a
+        # float32 state may grow to before its overflow check (max^0.4).
+        self.growth_limit = min(self.growth_limit, float(np.finfo(dtype).max) ** 0.5)
 
     def operator(self, square, dims=None):
         """A_m (c, m, m) from H_m (c, m, m); zero beyond each column's dimension dims (c,)."""
         xp = array_module(square)
         c, m, _ = square.shape
         dims = np.full(c, m) if dims is None else np.asarray(dims)
-        inside = xp.asarray(np.arange(m)[None, :] < dims[:, None])  # (c, m)
+        # A zero start (a state or adjoint that underflowed to 0, as stiff decay does in
+        # float32) projects to H = 0, which has no inverse: its A_m is zero (so are its
+        # coefficients, beta = 0).
+        started = xp.any(square[:, :, 0] != 0, axis=1)  # (c,)
+        inside = xp.asarray(np.arange(m)[None, :] < dims[:, None]) & started[:, None]  # (c, m)
         keep = inside[:, :, None] & inside[:, None, :]
         eye = xp.eye(m, dtype=square.dtype)
-        # identity beyond the column's dimension, so that H is invertible and A_m zero there;
-        # a zero start (a column without adjoint jumps) has H = 0: A_m = mu I (y is zero anyway)
-        started = xp.any(square != 0, axis=(1, 2))[:, None, None]
-        padded = xp.where(keep & started, square, eye)
+        # identity beyond the column's dimension, so that H is invertible and A_m zero there
+        padded = xp.where(keep, square, eye)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             inverse = xp.linalg.inv(padded)
         return xp.where(keep, (eye - inverse) / self.gamma + self.shift * eye, 0.0)

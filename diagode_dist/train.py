@@ -49,7 +49,7 @@ def fit(prob: Problem, theta0, param=None, *, options: TrainOptions | None = Non
         i.e. ``SoftplusParam()``)
     options : ``TrainOptions``; keyword arguments (``epochs=``, ``lr=``, ``k=``,
         ``batch_size=``, ``weight_decay=``, ``clamp=``, ``seed=``, ``rtol=``,
-        ``max_chunk_columns=``, ``log_every=``) replace its fields (see
+        ``max_chunk_columns=``, ``method=``, ``log_every=``) replace its fields (see
         ``diagode_dist.options.TrainOptions`` for their meaning and defaults). The same seed
         gives the same result bit for bit; the Dask-only fields of an options object
         (n_shards, checkpoint_every, step_timeout) are ignored here.
@@ -57,7 +57,9 @@ def fit(prob: Problem, theta0, param=None, *, options: TrainOptions | None = Non
         as in ``epoch_batches``)
     return_info : also return a per-epoch log of the gradient's accuracy: lists
         ``error_estimate`` (largest relative Krylov error estimate of the epoch), ``substeps``
-        (most sub-steps), ``rtol_met`` (every step met rtol)
+        (most sub-steps), ``rtol_met`` (every step met rtol), ``method`` (the Krylov
+        method of the epoch's steps: "polynomial", "rational", or "polynomial+rational" when
+        ``method="auto"`` chose both)
 
     Returns
     -------
@@ -73,16 +75,18 @@ def fit(prob: Problem, theta0, param=None, *, options: TrainOptions | None = Non
         raise TypeError("callback must be callable(epoch, loss, theta)")
     param = opts.diagonal_map()
     adam = Adam(lr=opts.lr, weight_decay=opts.weight_decay, clamp=opts.clamp)
-    check_inputs(prob, theta0, param, opts.k, opts.rtol, opts.max_chunk_columns)
+    check_inputs(prob, theta0, param, opts.k, opts.rtol, opts.max_chunk_columns,
+                 method=opts.method)
     theta = theta0
     state = adam.init(theta0)
-    history, log = [], {"error_estimate": [], "substeps": [], "rtol_met": []}
+    history, log = [], {"error_estimate": [], "substeps": [], "rtol_met": [], "method": []}
     step = 0
     for epoch in range(opts.epochs):
         epoch_loss, infos = 0.0, []
         for batch in epoch_batches(prob.S, opts.batch_size, opts.seed, epoch):
             loss_sum, grad_sum, count, info = loss_grad_sums(
-                prob, theta, param, batch, opts.k, opts.rtol, opts.max_chunk_columns)
+                prob, theta, param, batch, opts.k, opts.rtol, opts.max_chunk_columns,
+                method=opts.method)
             epoch_loss += loss_sum
             infos.append(info)
             theta, state = adam.step(theta, grad_sum / count, state)
@@ -93,6 +97,7 @@ def fit(prob: Problem, theta0, param=None, *, options: TrainOptions | None = Non
         log["error_estimate"].append(max(i["error_estimate"] for i in infos))
         log["substeps"].append(max(i["substeps"] for i in infos))
         log["rtol_met"].append(all(i["rtol_met"] for i in infos))
+        log["method"].append("+".join(sorted({i["method"] for i in infos})))
         if callback is not None:
             callback(epoch, history[-1], theta)
     return (theta, history, log) if return_info else (theta, history)

@@ -47,7 +47,7 @@ LOCKNAME = "checkpoint.lock"
 FORMAT_VERSION = 2
 LOCK_STALE_S = 30.0  # a lock whose heartbeat is older than this belongs to a dead run
 # Options that determine theta, recorded in a checkpoint and compared on resume.
-DETERMINING = ("lr", "weight_decay", "clamp", "batch_size", "seed", "k", "rtol")
+DETERMINING = ("lr", "weight_decay", "clamp", "batch_size", "seed", "k", "rtol", "method")
 
 
 class CheckpointError(ValueError):

@@ -152,7 +152,7 @@ def submit(client: Client, problem, theta0, param=None, *, options: TrainOptions
     param : operator parametrisation (default: ``options.param``, i.e. ``SoftplusParam()``);
         theta0 has its ``theta_size(n)``
     options : ``TrainOptions``; keyword arguments (epochs, lr, k, batch_size, weight_decay,
-        clamp, seed, rtol, max_chunk_columns, log_every, n_shards, checkpoint_every,
+        clamp, seed, rtol, max_chunk_columns, method, log_every, n_shards, checkpoint_every,
         step_timeout) replace its fields. ``n_shards``: column shards, one long-running task
         each (default: one per worker; a DaskProblem's column chunks). The result depends on
         n_shards (summation order), not on the number of workers.
@@ -225,13 +225,15 @@ def _submit(caller: str, client, problem, theta0, param, options, checkpoint_dir
         raise TypeError(f"client must be a distributed.Client, got {type(client).__name__}")
     if isinstance(resume_override, str):
         resume_override = (resume_override,)
+    fingerprint = {"problem": _fingerprint(problem), "param": _param_name(options)}
+    _check_method(options.method, fingerprint["problem"]["A0"])
     spec = RunSpec(
         run_id=check_run_id(run_id) if run_id is not None else new_uid()[:12],
         n=n, S=S, n_shards=_n_shards(client, problem, options.n_shards, S), options=options,
         checkpoint_dir=_checkpoint_dir(checkpoint_dir), resume=resume,
         resume_override=tuple(resume_override), stall_timeout=stall_timeout,
         n_theta=None if theta_size == n else theta_size,
-        fingerprint={"problem": _fingerprint(problem), "param": _param_name(options)})
+        fingerprint=fingerprint)
     devices = plan_devices(cluster_devices(client), spec.n_shards)  # before registering
     token = secrets.token_urlsafe(24)
     install(client)
@@ -358,6 +360,15 @@ def _check_problem(problem) -> tuple[int, int]:
         return problem.n, problem.S
     raise TypeError(f"problem must be a diagode_dist.Problem, ProblemFiles or DaskProblem, got "
                     f"{type(problem).__name__}")
+
+
+def _check_method(method: str, operator_print: dict) -> None:
+    """method="rational" factorizes I - gamma A on every shard: refuse a dense A0 here rather
+    than at every shard's first step."""
+    if method == "rational" and not operator_print.get("sparse", False):
+        raise ValueError("method='rational' needs a sparse A0 (SciPy CSR, a .npz or sparse .mtx "
+                         "file): the shift-and-invert space factorizes I - gamma A; use "
+                         "method='polynomial' or 'auto' for a dense A0")
 
 
 def _check_theta0(theta0, size: int, n: int) -> np.ndarray:

@@ -167,6 +167,7 @@ class Run:
         """Continue from the checkpoint at ``path``; CheckpointError listing every way it was
         written for another problem or other options (except the ``resume_override`` ones)."""
         theta, state, meta = load_checkpoint(path)
+        meta.setdefault("method", "polynomial")  # written before the option: polynomial
         spec = self.spec
         expected = {name: value for name, value in self.identity().items()
                     if name not in spec.resume_override}

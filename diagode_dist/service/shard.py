@@ -142,7 +142,8 @@ def _loss_grad(prob, theta: np.ndarray, spec: ShardSpec, columns: np.ndarray):
     with _device_turn(prob.xp):
         loss_sum, grad_sum, count, info = loss_grad_sums(
             prob, theta_dev, options.diagonal_map(), columns=columns, k=options.k,
-            rtol=options.rtol, max_chunk_columns=options.max_chunk_columns)
+            rtol=options.rtol, max_chunk_columns=options.max_chunk_columns,
+            method=options.method)  # "rational": one factorization per step and shard
     accuracy = {key: info[key] for key in ("error_estimate", "rtol_met") if key in info}
     return float(loss_sum), to_numpy(grad_sum), int(count), accuracy
 
