@@ -297,7 +297,7 @@ def test_float32_rational_on_gpu_is_right():  # pragma: no cover - GPU only
 
 
 def test_float32_growth_limit_is_finite():
-    assert rational.ShiftInvertSpace(0.1, np.float32).growth_limit < np.finfo(np.float32).max
+    assert rational.ShiftInvertSpace(0.1, dtype=np.float32).growth_limit < np.finfo(np.float32).max
     assert rational.ShiftInvertSpace(0.1).growth_limit == 1e60
 
 
