@@ -238,6 +238,8 @@ def _choose_steps(proj, accept, remaining, T, rtol, n_rows):
                                          accept.space)  # only these
         y[rows] = y_bad
         est.put(bad, est_bad)
+    if accept.space is not None:
+        accept.space.check_steps(tau, remaining)
     return tau, y, est
 
 

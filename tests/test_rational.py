@@ -241,3 +241,18 @@ def test_a_dissipative_operator_gets_no_shift():
     expected = np.linalg.eigvalsh((A0 + sp.diags(lifted)).toarray()).max()
     assert expected > 0  # the pole must move: short of the rightmost by far less than 1/gamma
     assert expected - 0.01 / 0.1 <= rightmost_estimate(A0, lifted, 0.1) <= expected + 1e-9
+
+
+def test_an_unconverged_space_is_refused_at_once_instead_of_crawling(monkeypatch):
+    """k too small for rtol on a stiff grid: one refused step (the old march shrank its steps
+    64 times to ~1e-20 T before its work limit refused it, 50x slower)."""
+    from benchmarks.stiff import stiff_problem
+    from diagode_dist import _march
+
+    steps = []
+    choose = _march._choose_steps
+    monkeypatch.setattr(_march, "_choose_steps", lambda *a: steps.append(1) or choose(*a))
+    prob, theta = stiff_problem(24, 5000.0, S=8)
+    with pytest.raises(dd.AccuracyError, match="shift-and-invert space did not converge"):
+        dd.loss_and_grad(prob, theta, k=8, rtol=1e-10, method="rational", max_substeps=2000)
+    assert len(steps) <= 2
