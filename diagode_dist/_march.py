@@ -222,6 +222,7 @@ def _choose_steps(proj, accept, remaining, T, rtol, n_rows):
     xp = array_module(proj.norms)
     tau = remaining.copy()
     y, est = accept.at_final_dims(proj)
+    full_step = est.take(np.arange(len(tau)))  # a copy: what limits each column at first
     for _ in range(_SHRINK_TRIES):
         tol = rtol * tau / T
         bad = np.nonzero(~est.meets(tol))[0]
@@ -239,7 +240,9 @@ def _choose_steps(proj, accept, remaining, T, rtol, n_rows):
         y[rows] = y_bad
         est.put(bad, est_bad)
     if accept.space is not None:
-        accept.space.check_steps(tau, remaining)
+        tol = (1 - _ROUNDING_SHARE) * rtol * remaining / T
+        unconverged = (full_step.truncation > tol) & (full_step.rounding <= tol)
+        accept.space.check_steps(tau, remaining, unconverged)
     return tau, y, est
 
 
