@@ -30,6 +30,7 @@ from .adjoint import ForwardPass, adjoint_pass, forward_pass
 from .param import EdgeParam, Stack, _DiagonalMap
 from .pattern import Pattern
 from .problem import Problem
+from .rational import DEFAULT_METHOD
 
 GRADIENTS = ("values", "d", "f", "x0", "t")
 """Names of the inputs ``vjp`` can differentiate by."""
@@ -59,7 +60,7 @@ class ODE:
     times: np.ndarray
     rtol: float
     k: int
-    method: str = "polynomial"
+    method: str = DEFAULT_METHOD
     n: int = field(init=False)
     S: int = field(init=False)
 

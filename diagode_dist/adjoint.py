@@ -31,6 +31,7 @@ from .param import OperatorTerms, SoftplusParam, as_operator_param
 from .pattern import AdjointExtras
 from .problem import Problem, check_columns
 from .rational import (
+    DEFAULT_METHOD,
     ShiftInvert,
     ShiftInvertSpace,
     check_method,
@@ -59,7 +60,7 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
                   rtol: float = DEFAULT_RTOL, max_chunk_columns: int | None = None,
                   time_integral: str = "vanloan", quad_points: int = 32,
                   return_info: bool = False, max_substeps: int = MAX_SUBSTEPS,
-                  wrt: Sequence[str] | None = None, method: str = "polynomial"):
+                  wrt: Sequence[str] | None = None, method: str = DEFAULT_METHOD):
     """Mean loss over the chosen columns and its exact gradient with respect to theta.
 
     Parameters
@@ -115,7 +116,7 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
 def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
                    rtol: float = DEFAULT_RTOL, max_chunk_columns: int | None = None,
                    time_integral: str = "vanloan", quad_points: int = 32,
-                   max_substeps: int = MAX_SUBSTEPS, method: str = "polynomial"):
+                   max_substeps: int = MAX_SUBSTEPS, method: str = DEFAULT_METHOD):
     """Sums (not means) over the chosen columns: what a shard pushes to the parameter server.
 
     Returns (loss_sum: float, grad_sum: (p,) array like theta, count: int, info: dict), with
@@ -128,7 +129,7 @@ def loss_grad_sums(prob: Problem, theta, param=None, columns=None, k: int = 30,
 
 
 def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, time_integral,
-                     quad_points, max_substeps, names, method="polynomial"):
+                     quad_points, max_substeps, names, method=DEFAULT_METHOD):
     """(loss_sum, {name: gradient sum}, count, info) for the names in ``names``."""
     param, theta_dev = check_inputs(prob, theta, param, k, rtol, max_chunk_columns,
                                     time_integral, quad_points, max_substeps, method)
@@ -200,7 +201,7 @@ class ForwardPass:
 
 def forward_pass(prob: Problem, theta, param=None, *, times=None, columns=None, k: int = 30,
                  rtol: float = DEFAULT_RTOL, max_substeps: int = MAX_SUBSTEPS,
-                 method: str = "polynomial", keep: bool = True) -> ForwardPass:
+                 method: str = DEFAULT_METHOD, keep: bool = True) -> ForwardPass:
     """States of the chosen columns at ``times`` (default: the loss's observation times), with
     the error control of ``loss_and_grad`` (same options). With ``keep`` the marches' intervals
     stay for ``adjoint_pass``: their bases within half the memory budget, shared by the chunks
@@ -404,7 +405,7 @@ def _shift_invert(prob, d):
 
 def check_inputs(prob, theta, param=None, k=30, rtol=DEFAULT_RTOL, max_chunk_columns=None,
                  time_integral="vanloan", quad_points=32, max_substeps=MAX_SUBSTEPS,
-                 method="polynomial"):
+                 method=DEFAULT_METHOD):
     """Validate everything before any work. Returns (param, theta on the problem's device)."""
     if not isinstance(prob, Problem):
         raise TypeError(f"prob must be a diagode_dist.Problem, got {type(prob).__name__}")

@@ -30,13 +30,13 @@ from jax.experimental import sparse as jsparse
 from . import _layer
 from ._checks import check_int
 from .adjoint import DEFAULT_RTOL, MIN_K
-from .rational import check_method
+from .rational import DEFAULT_METHOD, check_method
 
 __all__ = ["expm_multiply", "odeint_linear"]
 
 
 def expm_multiply(A, B, t=1.0, *, rtol: float = DEFAULT_RTOL, k: int = 30,
-                  method: str = "polynomial"):
+                  method: str = DEFAULT_METHOD):
     """exp(t A) B, differentiable in A's stored values, B and t (t >= 0).
 
     A : (n, n) dense array or ``jax.experimental.sparse.BCOO``, float32 or float64
@@ -51,7 +51,7 @@ def expm_multiply(A, B, t=1.0, *, rtol: float = DEFAULT_RTOL, k: int = 30,
 
 
 def odeint_linear(A, f=None, x0=None, t=1.0, d=None, *, rtol: float = DEFAULT_RTOL,
-                  k: int = 30, method: str = "polynomial"):
+                  k: int = 30, method: str = DEFAULT_METHOD):
     """States of dx/dt = (A + diag(d)) x + f, x(0) = x0, at the times t: (m, n, S).
 
     A : (n, n) dense array or BCOO; f, x0 : (n, S) or (n,) arrays or None (at least one);

@@ -27,7 +27,7 @@ from typing import Any
 
 from diagode_dist.adjoint import DEFAULT_RTOL
 from diagode_dist.param import ExpParam, SoftplusParam, check_param
-from diagode_dist.rational import METHODS
+from diagode_dist.rational import DEFAULT_METHOD, METHODS
 
 __all__ = ["TrainOptions", "DEMO_OPTIONS", "PARAMS", "option_fields", "add_option_flags",
            "options_from_flags", "with_options", "takes_options"]
@@ -148,7 +148,7 @@ class TrainOptions:
                          "diagonal map: softplus (d = -softplus theta) or exp (d = -exp theta)",
                          flag="choice", choices=tuple(PARAMS))
     method: str = _option(
-        "polynomial", _method,
+        DEFAULT_METHOD, _method,
         "Krylov spaces: polynomial (matrix-free), rational (shift-and-invert, one sparse "
         "factorization per step: stiff sparse A0) or auto (by an a-priori cost model)",
         flag="choice", choices=METHODS)

@@ -40,6 +40,9 @@ from .expm import expm_batched
 
 METHODS = ("auto", "polynomial", "rational")
 """Values of the ``method`` option of ``loss_and_grad``."""
+DEFAULT_METHOD = "polynomial"
+"""The ``method`` every entry point (``loss_and_grad``, ``TrainOptions``, the layers) uses when
+none is given."""
 
 _LAG = 2
 """The estimate compares dimensions m and m - _LAG."""

@@ -32,7 +32,7 @@ from . import _layer
 from ._array import is_sparse
 from ._checks import check_int
 from .adjoint import DEFAULT_RTOL, MIN_K
-from .rational import check_method
+from .rational import DEFAULT_METHOD, check_method
 
 __all__ = ["expm_multiply", "odeint_linear", "LinearODE"]
 
@@ -40,7 +40,7 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 def expm_multiply(A: torch.Tensor, B: torch.Tensor, t=1.0, *, rtol: float = DEFAULT_RTOL,
-                  k: int = 30, method: str = "polynomial") -> torch.Tensor:
+                  k: int = 30, method: str = DEFAULT_METHOD) -> torch.Tensor:
     """exp(t A) B, differentiable in A's stored values (on its pattern), B and t.
 
     Parameters
@@ -72,7 +72,7 @@ def expm_multiply(A: torch.Tensor, B: torch.Tensor, t=1.0, *, rtol: float = DEFA
 def odeint_linear(A: torch.Tensor, f: torch.Tensor | None = None,
                   x0: torch.Tensor | None = None, t=1.0, d: torch.Tensor | None = None, *,
                   rtol: float = DEFAULT_RTOL, k: int = 30,
-                  method: str = "polynomial") -> torch.Tensor:
+                  method: str = DEFAULT_METHOD) -> torch.Tensor:
     """States of dx/dt = (A + diag(d)) x + f, x(0) = x0, at the times t.
 
     Parameters
@@ -126,7 +126,7 @@ class LinearODE(torch.nn.Module):
     def __init__(self, A0, pattern=None, *, diagonal: str | None = "softplus",
                  edges: str = "identity", generator: bool = False, times=(1.0,),
                  dtype: torch.dtype = torch.float64, rtol: float = DEFAULT_RTOL, k: int = 30,
-                 method: str = "polynomial"):
+                 method: str = DEFAULT_METHOD):
         super().__init__()
         if dtype not in _FLOATS:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
