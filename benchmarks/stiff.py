@@ -133,10 +133,10 @@ class StiffOptions:
     stiffnesses: Sequence[float] = (1e3, 1e4, 1e5)
     rtols: Sequence[float] = (1e-8, 1e-12)
     polynomial_rtols: Sequence[float] = (1e-8, 1e-12)
-    budget: float = 600.0
+    budget: float = 300.0
     mem_gib: float = 12.0
     peers: bool = True
-    dissipative: bool = True
+    dissipative: bool = False
     k_rational: int = 60
     k_polynomial: int = 30
     threads: int = 2

@@ -158,10 +158,29 @@ def _torchdiffeq(adjoint: bool):
     return run
 
 
-def _diffrax_kvaerno5(spec: dict, progress, ready: Callable[[], None]) -> dict:
-    import os
+def _stop_array_gradients_in_verychord() -> None:
+    """Let diffrax's chord iteration take an iterative linear solver under jax 0.10.
 
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    ``VeryChord.step`` (diffrax 0.7.2) applies ``lax.stop_gradient`` to its whole linear state,
+    which for lineax's GMRES holds the linearised operator, a Jaxpr that jax 0.10 rejects
+    ("not a valid JAX type"). Stopping the gradients of the state's arrays alone means the same
+    (nothing else in it has one); it is done in the peer's own process only.
+    """
+    import types
+
+    import diffrax._root_finder._verychord as verychord
+    import equinox as eqx
+    import jax
+
+    def stop_gradient(tree):
+        dynamic, static = eqx.partition(tree, eqx.is_array)
+        return eqx.combine(jax.lax.stop_gradient(dynamic), static)
+
+    names = {name: getattr(jax.lax, name) for name in dir(jax.lax) if not name.startswith("__")}
+    verychord.lax = types.SimpleNamespace(**dict(names, stop_gradient=stop_gradient))
+
+
+def _diffrax_kvaerno5(spec: dict, progress, ready: Callable[[], None]) -> dict:
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -170,6 +189,7 @@ def _diffrax_kvaerno5(spec: dict, progress, ready: Callable[[], None]) -> dict:
     import lineax as lx
     from jax.experimental import sparse as jsparse
 
+    _stop_array_gradients_in_verychord()
     prob, theta, direction = _problem(spec)
     A0 = jsparse.BCOO.from_scipy_sparse(prob.A0)
     F = jnp.asarray(prob.F, dtype=jnp.float64)
