@@ -13,7 +13,8 @@ complex-step derivative (theta + i 1e-30 v, exact to rounding; Squire & Trapp 19
 directional derivative of the gradient along a random v. Every method -- ours and the peers of
 ``benchmarks.stiff_peers`` -- runs in its own process with a time budget and a memory cap.
 
-    python -m benchmarks --cases none --stiff [--quick] [--stiff-sizes 64,128,256,512]
+    python -m benchmarks --cases none --stiff [--quick] [--stiff-sizes 4096,16384,65536,262144]
+        [--stiff-budget 300] [--stiff-mem-gib 12] [--stiff-dissipative] [--no-peers]
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class StiffOptions:
 
     @classmethod
     def quick(cls) -> StiffOptions:
-        """A small grid, short budgets: the harness's smoke test (about a minute)."""
+        """A small grid, short budgets: the harness's smoke test (a few minutes with peers)."""
         return cls(grid=16, sizes=(8, 16), stiffnesses=(1e3, 1e4), rtols=(1e-8,),
                    polynomial_rtols=(1e-8,), budget=60.0, mem_gib=4.0, S=8, stiffness=1000.0)
 

@@ -201,7 +201,7 @@ def _diffrax_kvaerno5(spec: dict, progress, ready: Callable[[], None]) -> dict:
 
     # Newton's linear systems to well below the step tolerance, so the gradient is the
     # solver's own and not GMRES's residual.
-    linear = lx.GMRES(rtol=tol * 1e-2, atol=tol * 1e-2, restart=40, max_steps=4000)
+    linear = lx.GMRES(rtol=tol * 0.1, atol=tol * 0.1, restart=40, max_steps=4000)
     solver = diffrax.Kvaerno5(root_finder=diffrax.VeryChord(rtol=tol, atol=tol,
                                                             linear_solver=linear))
 

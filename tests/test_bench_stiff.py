@@ -71,6 +71,16 @@ def test_a_torchdiffeq_peer_gets_the_gradient_right_on_a_small_grid():
     assert loss_error < 1e-6 and slope_error < 1e-5
 
 
+@pytest.mark.skipif(missing("diffrax Kvaerno5 + GMRES") is not None,
+                    reason="jax / diffrax / lineax not installed")
+def test_the_diffrax_peer_gets_the_gradient_right_on_a_small_grid():
+    outcome = run_isolated("diffrax Kvaerno5 + GMRES", _spec(4, 200.0, tol=1e-9),
+                           budget=120.0, mem_gib=8.0)
+    assert outcome.status == "ok", outcome.message
+    loss_error, slope_error = _scored(outcome, 4, 200.0)
+    assert loss_error < 1e-6 and slope_error < 1e-5
+
+
 @pytest.mark.skipif(missing("torchdiffeq odeint_adjoint dopri5") is not None,
                     reason="torch / torchdiffeq not installed")
 def test_a_peer_past_its_budget_is_stopped_and_reported():
