@@ -180,6 +180,23 @@ def _stop_array_gradients_in_verychord() -> None:
     verychord.lax = types.SimpleNamespace(**dict(names, stop_gradient=stop_gradient))
 
 
+def _implicit_adjoint_by(linear_solver) -> None:
+    """Differentiate diffrax's stage equations with ``linear_solver`` instead of optimistix's
+    default (a dense LU of the Jacobian, (n S)^2 entries: 237 GB at n = 1024, S = 64), which
+    ``Kvaerno5`` gives no option for; in the peer's own process only."""
+    import types
+
+    import diffrax._solver.runge_kutta as runge_kutta
+    import optimistix as optx
+
+    def root_find(*args, **kwargs):
+        kwargs.setdefault("adjoint", optx.ImplicitAdjoint(linear_solver=linear_solver))
+        return optx.root_find(*args, **kwargs)
+
+    names = {name: getattr(optx, name) for name in dir(optx) if not name.startswith("__")}
+    runge_kutta.optx = types.SimpleNamespace(**dict(names, root_find=root_find))
+
+
 def _diffrax_kvaerno5(spec: dict, progress, ready: Callable[[], None]) -> dict:
     import jax
 
@@ -199,17 +216,19 @@ def _diffrax_kvaerno5(spec: dict, progress, ready: Callable[[], None]) -> dict:
     def field_of(t, X, theta):
         return A0 @ X - jax.nn.softplus(theta)[:, None] * X + F
 
-    # Newton's linear systems to well below the step tolerance, so the gradient is the
-    # solver's own and not GMRES's residual.
+    # Newton's linear systems to below the step tolerance, so the gradient is the solver's own
+    # and not GMRES's residual. max_steps: diffrax's default; buffers scale with it (100_000
+    # asked XLA for 237 GB at n = 1024, S = 64).
     linear = lx.GMRES(rtol=tol * 0.1, atol=tol * 0.1, restart=40, max_steps=4000)
+    _implicit_adjoint_by(linear)
     solver = diffrax.Kvaerno5(root_finder=diffrax.VeryChord(rtol=tol, atol=tol,
                                                             linear_solver=linear))
 
     def loss_of(theta):
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(field_of), solver, 0.0, T, None, jnp.zeros_like(F), args=theta,
-            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol), max_steps=100_000,
-            adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=spec.get("checkpoints")))
+            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol), max_steps=4096,
+            adjoint=diffrax.RecursiveCheckpointAdjoint())  # log2(max_steps) checkpoints
         z = beta * sol.ys[-1]
         lse = jax.scipy.special.logsumexp(z, axis=0)
         return jnp.mean(lse - z[labels, jnp.arange(z.shape[1])]), sol.stats["num_steps"]
