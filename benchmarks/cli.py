@@ -74,15 +74,23 @@ def _layer(args: argparse.Namespace) -> str:
 def _layer_stiff(args: argparse.Namespace) -> str:
     from .layer import stiff_report
 
-    m = 8 if args.quick else args.stiff_grid
+    m = 8 if args.quick else (args.stiff_grid or 128)
     return stiff_report(m, 4 if args.quick else 64, args.peer_budget, args.peer_memory,
                         args.markdown, log=_log)
 
 
 def _stiff(args: argparse.Namespace) -> str:
-    from .stiff import stiff_tables
+    from .stiff import StiffOptions, stiff_tables
 
-    return stiff_tables(quick=args.quick, markdown=args.markdown, log=_log)
+    options = StiffOptions.quick() if args.quick else StiffOptions()
+    options.peers = not args.no_peers
+    options.dissipative = args.stiff_dissipative
+    options.threads = args.threads
+    for name in ("grid", "sizes", "budget", "mem_gib"):
+        value = getattr(args, f"stiff_{name}")
+        if value is not None:
+            setattr(options, name, value)
+    return stiff_tables(options, markdown=args.markdown, log=_log)
 
 
 @dataclass(frozen=True)
@@ -117,10 +125,11 @@ SECTIONS: tuple[Section, ...] = (
             "128 x 128 grid (--stiff-grid), S = 64, ||tA|| = 5000: one process per method, "
             "each stopped after --peer-budget s or at --peer-memory GiB; errors against the "
             "exact spectral reference (~5 min plus the budget per peer)", _layer_stiff),
-    Section("stiff", "Stiff problems: rational against polynomial Krylov",
+    Section("stiff", "Stiff problems: rational against polynomial Krylov and peers",
             "also time the rational (shift-and-invert) method on 2-D diffusion against the "
-            "polynomial one, scored by expm_multiply: accuracy, time against ||TA|| and n "
-            "(n = 16384 .. 262144; the polynomial baseline alone takes minutes)", _stiff),
+            "polynomial one and the peers (diffrax Kvaerno5, torchdiffeq), each in its own "
+            "capped process, scored by expm_multiply: accuracy, time against ||TA|| and n "
+            "(n = 4096 .. 262144; ~30-40 min on 2 idle cores)", _stiff),
     Section("gpu", "GPU: orthogonalisation bandwidth against the roofline",
             "also run ours on CuPy (n ~ 1e5, S = 1024) with the orthogonalisation's bytes "
             "moved, bandwidth and roofline fraction", _gpu),
@@ -155,6 +164,37 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _square_sizes(text: str) -> tuple[int, ...]:
+    """n values of 2-D grids ("4096,16384") -> their sides m (n = m^2)."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--stiff-sizes: expected comma-separated integers, got {text!r}") from None
+    sides = [round(n**0.5) for n in sizes]
+    if not sizes or any(n < 16 or m * m != n for n, m in zip(sizes, sides, strict=True)):
+        raise argparse.ArgumentTypeError(
+            f"--stiff-sizes: expected squares n = m^2 >= 16 (e.g. 4096,16384), got {text!r}")
+    return tuple(sides)
+
+
+def _stiff_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("stiff section (--stiff)")
+    group.add_argument("--stiff-grid", type=_positive(int), default=None,
+                       help="grid side m of the accuracy and ||TA|| tables and of "
+                       "--layer-stiff, n = m^2 (default 128; with --quick 16, 8 for --layer-stiff)")
+    group.add_argument("--stiff-sizes", type=_square_sizes, default=None,
+                       help="n of the table against n (squares; default "
+                       "4096,16384,65536,262144)")
+    group.add_argument("--stiff-budget", type=_positive(float), default=None,
+                       help="seconds each method (ours or a peer) may run after its set-up "
+                       "before it is stopped (default 300; 60 with --quick)")
+    group.add_argument("--stiff-mem-gib", type=_positive(float), default=None,
+                       help="address-space cap of each method's process, GiB (default 12)")
+    group.add_argument("--stiff-dissipative", action="store_true",
+                       help="also the dissipative variant (u in [0, 1], every eigenvalue < 0)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -173,14 +213,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--peer-memory", type=_positive(float), default=8.0,
                         help="GiB of data memory a method of --layer / --layer-stiff may use "
                         "(RLIMIT_DATA of its process; default: %(default)s)")
-    parser.add_argument("--stiff-grid", type=_positive(int), default=128,
-                        help="grid side m (n = m^2) of --layer-stiff (default: %(default)s)")
     parser.add_argument("--no-peers", action="store_true", help="skip the torch peers")
     parser.add_argument("--threads", type=_positive(int), default=2,
                         help="torch threads for the peers (default: %(default)s)")
     for section in SECTIONS:
         parser.add_argument(f"--{section.flag}", action="store_true", help=section.help)
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    _stiff_options(parser)
     return parser
 
 

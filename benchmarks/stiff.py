@@ -1,43 +1,65 @@
-"""Stiff problems: rational (shift-and-invert) against polynomial Krylov on 2-D diffusion.
+"""Stiff problems: rational (shift-and-invert) against polynomial Krylov and peers on 2-D diffusion.
 
 The case: the 5-point Laplacian on an m x m grid (n = m^2, sparse CSR), diagonal
 d = -(4/h^2)(1 + 0.1 u), S right-hand sides, T chosen so that ||T A||_2 ~ ``stiffness``
-(||A||_2 ~ 8/h^2), classification loss. Accuracy against a reference independent of the Krylov
-core: ``scipy.sparse.linalg.expm_multiply`` on the (n + S)-augmented operator for the loss, and
-its complex-step derivative (theta + i 1e-30 v, exact to rounding) for the directional
-derivative of the gradient along a random v.
+(||A||_2 ~ 8/h^2), classification loss. With u uniform in [-1, 1] the operator is not
+dissipative (its rightmost eigenvalue is positive: the states grow like exp(T lambda_max), which
+each table heading prints); the dissipative variant draws u in [0, 1], so d <= -4/h^2 and every
+eigenvalue is negative.
 
-    python -m benchmarks --cases none --stiff [--quick]
+Accuracy against a reference independent of the Krylov core: ``scipy.sparse.linalg.
+expm_multiply`` (Al-Mohy & Higham 2011) on the (n + S)-augmented operator for the loss, and its
+complex-step derivative (theta + i 1e-30 v, exact to rounding; Squire & Trapp 1998) for the
+directional derivative of the gradient along a random v. Every method -- ours and the peers of
+``benchmarks.stiff_peers`` -- runs in its own process with a time budget and a memory cap.
+
+    python -m benchmarks --cases none --stiff [--quick] [--stiff-sizes 4096,16384,65536,262144]
+        [--stiff-budget 300] [--stiff-mem-gib 12] [--stiff-dissipative] [--no-peers]
 """
 
 from __future__ import annotations
 
 import time
-import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import expm_multiply
+from scipy.sparse.linalg import LinearOperator, eigsh, expm_multiply
 
 import diagode_dist as dd
 
 from .cases import laplacian_offdiag_2d
+from .stiff_peers import PEER_TOL, PEERS, Outcome, run_isolated
 from .table import heading, render_table
 
-__all__ = ["stiff_problem", "reference_loss_and_slope", "time_call", "stiff_tables"]
+__all__ = ["stiff_problem", "rightmost_eigenvalue", "reference_loss_and_slope", "StiffOptions",
+           "stiff_tables"]
 
 
-def stiff_problem(m: int, stiffness: float, S: int = 64, seed: int = 0):
-    """(Problem, theta (n,)) of the 2-D diffusion case on an m x m grid."""
+def stiff_problem(m: int, stiffness: float, S: int = 64, seed: int = 0,
+                  dissipative: bool = False):
+    """(Problem, theta (n,)) of the 2-D diffusion case on an m x m grid (n = m^2).
+
+    d = -softplus(theta) = -(4/h^2)(1 + 0.1 u), u uniform in [-1, 1] ([0, 1] if
+    ``dissipative``); T = stiffness h^2 / 8.
+    """
     rng = np.random.default_rng(seed)
     n, h = m * m, 1.0 / (m + 1)
-    magnitude = (4.0 / h**2) * (1.0 + 0.1 * rng.uniform(-1.0, 1.0, n))
+    u = rng.uniform(0.0 if dissipative else -1.0, 1.0, n)
+    magnitude = (4.0 / h**2) * (1.0 + 0.1 * u)
     theta = magnitude + np.log(-np.expm1(-magnitude))  # softplus(theta) = magnitude
     T = stiffness * h**2 / 8.0
     prob = dd.Problem(laplacian_offdiag_2d(m, h), rng.standard_normal((n, S)),
                       rng.integers(0, n, S), T=T, beta=250.0)
     return prob, theta
+
+
+def rightmost_eigenvalue(prob, theta) -> float:
+    """T lambda_max(A0 + diag(-softplus(theta))) (A symmetric; ARPACK, 'LA')."""
+    A = sp.csr_matrix(prob.A0) - sp.diags(np.logaddexp(0.0, theta))
+    value = eigsh(A, k=1, which="LA", tol=1e-8, return_eigenvectors=False)[0]
+    return float(prob.T * value)
 
 
 def _loss_of_states(X, labels, beta):
@@ -48,118 +70,236 @@ def _loss_of_states(X, labels, beta):
     return np.mean(lse - z[labels, np.arange(X.shape[1])])
 
 
+def _augmented(A0, d, F) -> LinearOperator:
+    """[[A0 + diag(d), F], [0, 0]] ((n + S) square, complex d) as a LinearOperator.
+
+    Why not a sparse matrix: its dense F block would hold 13x the entries of A0 (S = 64) and a
+    complex A0 doubles the work; here A0 stays real (applied to the real view of the complex
+    columns) and the F block is a scaling whenever the bottom block is c I, which it is all
+    along expm_multiply (its start is I and its shift keeps it a multiple of I).
+    """
+    n, S = F.shape
+    A0 = sp.csr_matrix(A0, dtype=np.float64)
+    A0_T = A0.T.tocsr()
+    identity = np.eye(S)
+
+    def real_times(M, X):
+        X = np.ascontiguousarray(X, dtype=complex)
+        return (M @ X.view(np.float64)).view(complex)
+
+    def matmat(X):
+        top, bottom = X[:n], X[n:]
+        scale = bottom[0, 0]
+        forcing = F * scale if np.array_equal(bottom, scale * identity) else F @ bottom
+        return np.vstack([real_times(A0, top) + d[:, None] * top + forcing,
+                          np.zeros((S, X.shape[1]), complex)])
+
+    def rmatmat(Y):
+        top = Y[:n]
+        return np.vstack([real_times(A0_T, top) + np.conj(d)[:, None] * top, F.T @ top])
+
+    return LinearOperator((n + S, n + S), matvec=lambda x: matmat(x.reshape(-1, 1)).ravel(),
+                          rmatvec=lambda y: rmatmat(y.reshape(-1, 1)).ravel(), matmat=matmat,
+                          rmatmat=rmatmat, dtype=complex)
+
+
 def reference_loss_and_slope(prob, theta, direction, step: float = 1e-30):
     """(loss, dL/dtheta . direction) with expm_multiply and a complex step, for a softplus map.
 
-    One complex expm_multiply of T [[A, F], [0, 0]] on [0; I] ((n + S) square).
+    X(T) = top rows of exp(T [[A, F], [0, 0]]) [0; I], with theta + i step direction.
     """
     n, S = prob.n, prob.S
     th = theta + 1j * step * direction
     d = -np.logaddexp(0.0, th.real) - 1j * step * direction / (1 + np.exp(-th.real))
-    A = prob.A0.astype(complex) + sp.diags(d)
-    aug = sp.bmat([[A, sp.csr_matrix(prob.F)], [None, sp.csr_matrix((S, S))]]).tocsr()
+    aug = _augmented(prob.A0, d, np.asarray(prob.F, dtype=np.float64))
     start = np.vstack([np.zeros((n, S)), np.eye(S)]).astype(complex)
-    X = expm_multiply(prob.T * aug, start)[:n]
+    X = expm_multiply(prob.T * aug, start, traceA=prob.T * d.sum())[:n]
     value = _loss_of_states(X, np.asarray(prob.labels), prob.beta)
     return float(value.real), float(value.imag / step)
 
 
-def time_call(fn: Callable[..., object], *args) -> tuple[float, float, object]:
-    """fn(*args) timed: (seconds, peak MiB traced by tracemalloc -- NumPy arrays, not
-    SuperLU's factors --, result)."""
-    tracemalloc.start()
-    start = time.perf_counter()
-    result = fn(*args)
-    seconds = time.perf_counter() - start
-    peak = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
-    return seconds, peak, result
+@dataclass
+class StiffOptions:
+    """What the stiff section measures.
+
+    grid: m of the accuracy and flatness tables (n = m^2); sizes: grids m of the table against
+    n; stiffnesses: ||TA|| of the flatness table; budget: seconds per method (after its
+    set-up); mem_gib: address-space cap of each method's process; peers: run the peers;
+    polynomial_rtols: rtols of the polynomial baseline; dissipative: add the dissipative
+    variant's rows; k: our Krylov dimension limit; threads: threads per method.
+    """
+
+    grid: int = 128
+    sizes: Sequence[int] = (64, 128, 256, 512)
+    stiffnesses: Sequence[float] = (1e3, 1e4, 1e5)
+    rtols: Sequence[float] = (1e-8, 1e-12)
+    polynomial_rtols: Sequence[float] = (1e-8, 1e-12)
+    budget: float = 300.0
+    mem_gib: float = 12.0
+    peers: bool = True
+    dissipative: bool = False
+    k_rational: int = 60
+    k_polynomial: int = 30
+    threads: int = 2
+    S: int = 64
+    stiffness: float = 5000.0
+
+    @classmethod
+    def quick(cls) -> StiffOptions:
+        """A small grid, short budgets: the harness's smoke test (a few minutes with peers)."""
+        return cls(grid=16, sizes=(8, 16), stiffnesses=(1e3, 1e4), rtols=(1e-8,),
+                   polynomial_rtols=(1e-8,), budget=60.0, mem_gib=4.0, S=8, stiffness=1000.0)
 
 
-def _ours(prob, theta, method, rtol, k=30):
-    return dd.loss_and_grad(prob, theta, k=k, rtol=rtol, method=method, return_info=True)
+def _spec(options: StiffOptions, m: int, stiffness: float, dissipative: bool, **extra) -> dict:
+    return dict(m=m, stiffness=stiffness, S=options.S, seed=0, dissipative=dissipative,
+                threads=options.threads, **extra)
 
 
-def accuracy_rows(m: int, stiffness: float, rtols, polynomial_rtols, log) -> list[list[str]]:
-    """Rows: method, rtol, seconds, loss error, slope error, estimate, dims, sub-steps."""
-    prob, theta = stiff_problem(m, stiffness)
+def _rel(value: float, exact: float) -> str:
+    return f"{abs(value - exact) / abs(exact):.1e}"
+
+
+def _memory(outcome: Outcome) -> str:
+    """Peak RSS (MiB) and, in brackets, what the call added over imports and set-up."""
+    if np.isnan(outcome.rss_mib):
+        return "-"
+    if np.isnan(outcome.base_mib):
+        return f"{outcome.rss_mib:.0f}"
+    return f"{outcome.rss_mib:.0f} (+{outcome.rss_mib - outcome.base_mib:.0f})"
+
+
+def _failure(outcome: Outcome, budget: float) -> str:
+    if outcome.status == "timeout":
+        where = "" if np.isnan(outcome.progress) else f", at t = {outcome.progress:.0%} of T"
+        if outcome.message == "set-up":
+            return "set-up did not finish"
+        return f"did not finish in {budget:.0f} s{where}"
+    return outcome.message
+
+
+def _row(name: str, rtol: str, outcome: Outcome, exact: tuple[float, float], ours: float | None,
+         budget: float) -> list[str]:
+    """method, rtol, s, loss err, slope err, peak MiB, time / ours, note."""
+    if outcome.status != "ok":
+        lower = ""
+        if outcome.status == "timeout" and ours:  # a lower bound on the ratio
+            lower = f"> {outcome.seconds / ours:.0f}x"
+        seconds = f"> {outcome.seconds:.0f}" if outcome.status == "timeout" else (
+            "-" if np.isnan(outcome.seconds) else f"{outcome.seconds:.1f}")
+        return [name, rtol, seconds, "-", "-", _memory(outcome), lower or "-",
+                _failure(outcome, budget)]
+    r = outcome.result
+    note = r.get("note") or (f"dims {r['dims']}, {r['substeps']} sub-step(s), "
+                             f"estimate {r['estimate']:.0e}")
+    ratio = f"{outcome.seconds / ours:.1f}x" if ours else "-"
+    return [name, rtol, f"{outcome.seconds:.2f}", _rel(r["loss"], exact[0]),
+            _rel(r["slope"], exact[1]), _memory(outcome), ratio, note]
+
+
+def accuracy_rows(options: StiffOptions, dissipative: bool,
+                  log: Callable[[str], None]) -> tuple[list[list[str]], float]:
+    """Rows of the accuracy table for one variant, and T lambda_max of its operator."""
+    m, stiffness = options.grid, options.stiffness
+    prob, theta = stiff_problem(m, stiffness, options.S, dissipative=dissipative)
     direction = np.random.default_rng(1).standard_normal(prob.n)
-    log(f"stiff: reference (expm_multiply, complex step) n={prob.n}")
-    ref_seconds, _, (loss_ref, slope_ref) = time_call(
-        reference_loss_and_slope, prob, theta, direction)
+    reach = rightmost_eigenvalue(prob, theta)
+    log(f"stiff: reference (expm_multiply, complex step) n={prob.n}, T lambda_max = {reach:.1f}")
+    start = time.perf_counter()
+    exact = reference_loss_and_slope(prob, theta, direction)
+    ref_seconds = time.perf_counter() - start
+    runs = ([("rational", r, options.k_rational) for r in options.rtols]
+            + [("polynomial", r, options.k_polynomial) for r in options.polynomial_rtols])
+    rows, ours = [], {}  # rtol -> seconds of our rational run
+    for method, rtol, k in runs:
+        log(f"stiff: ours {method} k={k} rtol={rtol:g}")
+        spec = _spec(options, m, stiffness, dissipative, method=method, rtol=rtol, k=k)
+        outcome = run_isolated("ours", spec, options.budget, options.mem_gib)
+        if method == "rational" and outcome.status == "ok":
+            ours[rtol] = outcome.seconds
+        # ratios to our rational run at the same rtol (the peers: at the loosest)
+        reference = ours.get(rtol, next(iter(ours.values()), None))
+        rows.append(_row(f"ours {method} k={k}", f"{rtol:g}", outcome, exact, reference,
+                         options.budget))
+    for name in PEERS if options.peers else ():
+        log(f"stiff: peer {name} (budget {options.budget:.0f} s, cap {options.mem_gib:g} GiB)")
+        spec = _spec(options, m, stiffness, dissipative, tol=PEER_TOL)
+        outcome = run_isolated(name, spec, options.budget, options.mem_gib)
+        loosest = ours.get(max(options.rtols)) if ours else None
+        rows.append(_row(name, f"{PEER_TOL:g}", outcome, exact, loosest, options.budget))
+    rows.append(["expm_multiply + complex step (reference)", "-", f"{ref_seconds:.1f}", "0",
+                 "0", "-", "-", "in the parent process"])
+    return rows, reach
+
+
+def flatness_rows(options: StiffOptions, dissipative: bool,
+                  log: Callable[[str], None]) -> list[list[str]]:
+    """Rows: ||TA||, T lambda_max, seconds, dims, sub-steps, estimate of the rational method."""
     rows = []
-    runs = [("rational", r) for r in rtols] + [("polynomial", r) for r in polynomial_rtols]
-    for method, rtol in runs:
-        log(f"stiff: {method} rtol={rtol:g}")
-        try:
-            seconds, peak, (loss, grad, info) = time_call(_ours, prob, theta, method, rtol)
-        except dd.AccuracyError as exc:  # refused: reported as such, never as a time
-            tracemalloc.stop()
-            rows.append([method, f"{rtol:g}", "refused", "-", "-", str(exc)[:60], "-", "-", "-"])
+    for stiffness in options.stiffnesses:
+        prob, theta = stiff_problem(options.grid, stiffness, options.S, dissipative=dissipative)
+        reach = rightmost_eigenvalue(prob, theta)
+        log(f"stiff: flatness ||TA|| = {stiffness:g} (T lambda_max = {reach:.0f})")
+        spec = _spec(options, options.grid, stiffness, dissipative, method="rational",
+                     rtol=options.rtols[0], k=options.k_rational)
+        outcome = run_isolated("ours", spec, options.budget, options.mem_gib)
+        if outcome.status != "ok":
+            rows.append([f"{stiffness:g}", f"{reach:.0f}", "-", "-", "-", "-",
+                         _failure(outcome, options.budget)])
             continue
-        slope = float(grad @ direction)
-        rows.append([method, f"{rtol:g}", f"{seconds:.2f}",
-                     f"{abs(loss - loss_ref) / abs(loss_ref):.1e}",
-                     f"{abs(slope - slope_ref) / abs(slope_ref):.1e}",
-                     f"{info['error_estimate']:.1e}",
-                     f"{info['forward_dim']}/{info['adjoint_dim']}", str(info["substeps"]),
-                     f"{peak:.0f}"])
-    rows.append(["expm_multiply (reference)", "-", f"{ref_seconds:.1f}", "0", "0", "-", "-", "-",
-                 "-"])
+        r = outcome.result
+        rows.append([f"{stiffness:g}", f"{reach:.0f}", f"{outcome.seconds:.2f}", r["dims"],
+                     str(r["substeps"]), f"{r['estimate']:.0e}", _memory(outcome)])
     return rows
 
 
-def flatness_rows(m: int, stiffnesses, rtol: float, log) -> list[list[str]]:
-    """Rows: ||TA||, seconds, dims, sub-steps of the rational method on one grid."""
+def scaling_rows(options: StiffOptions, log: Callable[[str], None]) -> list[list[str]]:
+    """Rows: n, s, us / n, factor s, solve s, (L + U) / n, factor MiB, peak RSS MiB."""
     rows = []
-    for stiffness in stiffnesses:
-        prob, theta = stiff_problem(m, stiffness)
-        log(f"stiff: flatness ||TA|| = {stiffness:g}")
-        seconds, peak, (_, _, info) = time_call(_ours, prob, theta, "rational", rtol)
-        rows.append([f"{stiffness:g}", f"{seconds:.2f}",
-                     f"{info['forward_dim']}/{info['adjoint_dim']}", str(info["substeps"]),
-                     f"{info['error_estimate']:.1e}"])
+    for m in options.sizes:
+        log(f"stiff: scaling n = {m * m}")
+        spec = _spec(options, m, options.stiffness, False, method="rational",
+                     rtol=options.rtols[0], k=options.k_rational, factor=True)
+        outcome = run_isolated("ours", spec, options.budget, options.mem_gib)
+        if outcome.status != "ok":
+            rows.append([str(m * m), "-", "-", "-", "-", "-", "-", _memory(outcome),
+                         _failure(outcome, options.budget)])
+            continue
+        r = outcome.result
+        factor_mib = r["fill"] * 12 / 2**20  # a float64 value and an int32 index per entry
+        rows.append([str(m * m), f"{outcome.seconds:.2f}",
+                     f"{1e6 * outcome.seconds / (m * m):.1f}", f"{r['factor_seconds']:.3f}",
+                     f"{r['solve_seconds']:.3f}", f"{r['fill'] / (m * m):.0f}",
+                     f"{factor_mib:.0f}", _memory(outcome), f"dims {r['dims']}"])
     return rows
 
 
-def scaling_rows(sizes, stiffness: float, rtol: float, log) -> list[list[str]]:
-    """Rows: n, seconds, seconds per n (us), factorization fill, peak MiB (NumPy, traced)."""
-    from diagode_dist.rational import ShiftInvert, shift_for
-
-    rows = []
-    for m in sizes:
-        prob, theta = stiff_problem(m, stiffness)
-        log(f"stiff: scaling n = {prob.n}")
-        seconds, peak, _ = time_call(_ours, prob, theta, "rational", rtol)
-        d = -np.logaddexp(0.0, theta)
-        factor_seconds, _, factor = time_call(
-            ShiftInvert, prob.A0, d, shift_for(prob.loss.obs_times))
-        block = np.random.default_rng(0).standard_normal((prob.S, prob.n))
-        solve_seconds, _, _ = time_call(factor.solve, block)
-        rows.append([str(prob.n), f"{seconds:.2f}", f"{1e6 * seconds / prob.n:.1f}",
-                     f"{factor_seconds:.3f}", f"{solve_seconds:.3f}",
-                     f"{factor.fill / prob.n:.0f}", f"{peak + factor.fill * 12 / 2**20:.0f}"])
-    return rows
-
-
-def stiff_tables(quick: bool = False, markdown: bool = False, polynomial: bool = True,
-                 log=print) -> str:
-    """The three stiff tables: accuracy and speed against the polynomial path, time against
-    ||TA|| on one grid, and time against n."""
-    m = 32 if quick else 128
-    acc = accuracy_rows(m, 5000.0, (1e-8, 1e-12), (1e-8,) if polynomial else (), log)
-    flat = flatness_rows(m, (1e3, 1e4, 1e5), 1e-8, log)
-    scale = scaling_rows((16, 32) if quick else (64, 128, 256, 512), 5000.0, 1e-8, log)
-    parts = [
-        heading(f"2-D diffusion n = {m * m}, S = 64, ||TA|| ~ 5000, k = 30", markdown),
-        render_table(["method", "rtol", "s", "loss err", "slope err", "estimate", "dims f/a",
-                "sub-steps", "peak MiB"], acc, markdown),
-        "",
-        heading(f"rational: time against ||TA|| (n = {m * m}, rtol 1e-8)", markdown),
-        render_table(["||TA||", "s", "dims f/a", "sub-steps", "estimate"], flat, markdown),
-        "",
-        heading("rational: time against n (||TA|| ~ 5000, rtol 1e-8)", markdown),
-        render_table(["n", "s", "us / n", "factor s", "solve 64 s", "fill / n", "peak MiB"], scale,
-               markdown),
-    ]
+def stiff_tables(options: StiffOptions | None = None, markdown: bool = False,
+                 log: Callable[[str], None] = print) -> str:
+    """The stiff tables: accuracy and speed against the polynomial path and the peers (per
+    variant), time against ||TA|| on one grid, and time and memory against n."""
+    o = options or StiffOptions()
+    n = o.grid * o.grid
+    parts = []
+    variants = (False, True) if o.dissipative else (False,)
+    for dissipative in variants:
+        rows, reach = accuracy_rows(o, dissipative, log)
+        kind = "dissipative, u in [0, 1]" if dissipative else "u in [-1, 1]"
+        parts += [heading(f"2-D diffusion n = {n}, S = {o.S}, ||TA|| ~ {o.stiffness:g} "
+                          f"({kind}; T lambda_max = {reach:.1f})", markdown),
+                  render_table(["method", "rtol", "s", "loss err", "slope err",
+                                "peak RSS MiB (+call)", "time / ours", "note"], rows, markdown),
+                  ""]
+    for dissipative in variants:
+        kind = "dissipative" if dissipative else "u in [-1, 1]"
+        parts += [heading(f"rational: time against ||TA|| (n = {n}, {kind}, "
+                          f"rtol {o.rtols[0]:g}, k = {o.k_rational})", markdown),
+                  render_table(["||TA||", "T lambda_max", "s", "dims f/a", "sub-steps",
+                                "estimate", "peak RSS MiB (+call)"],
+                               flatness_rows(o, dissipative, log), markdown), ""]
+    parts += [heading(f"rational: time and memory against n (||TA|| ~ {o.stiffness:g}, "
+                      f"rtol {o.rtols[0]:g}, k = {o.k_rational})", markdown),
+              render_table(["n", "s", "us / n", "factor s", "solve S cols s", "(L+U) / n",
+                            "L+U MiB", "peak RSS MiB (+call)", "note"],
+                           scaling_rows(o, log), markdown)]
     return "\n".join(parts)
