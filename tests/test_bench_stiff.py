@@ -61,21 +61,12 @@ def test_ours_in_a_capped_process_is_scored_against_the_exact_reference():
     assert outcome.rss_mib >= outcome.base_mib > 10  # max RSS of the child, and after imports
 
 
-@pytest.mark.skipif(missing("torchdiffeq odeint backprop dopri5") is not None,
-                    reason="torch / torchdiffeq not installed")
-def test_a_torchdiffeq_peer_gets_the_gradient_right_on_a_small_grid():
-    outcome = run_isolated("torchdiffeq odeint backprop dopri5", _spec(4, 200.0, tol=1e-9),
-                           budget=120.0, mem_gib=6.0)
-    assert outcome.status == "ok", outcome.message
-    loss_error, slope_error = _scored(outcome, 4, 200.0)
-    assert loss_error < 1e-6 and slope_error < 1e-5
-
-
-@pytest.mark.skipif(missing("diffrax Kvaerno5 + GMRES") is not None,
-                    reason="jax / diffrax / lineax not installed")
-def test_the_diffrax_peer_gets_the_gradient_right_on_a_small_grid():
-    outcome = run_isolated("diffrax Kvaerno5 + GMRES", _spec(4, 200.0, tol=1e-9),
-                           budget=120.0, mem_gib=8.0)
+@pytest.mark.parametrize("peer, mem_gib", [("torchdiffeq odeint backprop dopri5", 6.0),
+                                            ("diffrax Kvaerno5 + GMRES", 8.0)])
+def test_a_peer_gets_the_gradient_right_on_a_small_grid(peer, mem_gib):
+    if missing(peer) is not None:
+        pytest.skip(f"{peer}: {missing(peer)}")
+    outcome = run_isolated(peer, _spec(4, 200.0, tol=1e-9), budget=120.0, mem_gib=mem_gib)
     assert outcome.status == "ok", outcome.message
     loss_error, slope_error = _scored(outcome, 4, 200.0)
     assert loss_error < 1e-6 and slope_error < 1e-5

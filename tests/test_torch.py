@@ -16,6 +16,23 @@ pytestmark = [pytest.mark.slow,  # imports torch (about 5 s)
 F64 = torch.float64
 
 
+
+def _edge_weights(layer, n):
+    """The module's edge weights softplus(theta_edges) as a dense (n, n) tensor."""
+    return torch.zeros(n, n, dtype=F64).index_put(
+        (layer.edge_rows, layer.edge_cols), torch.nn.functional.softplus(layer.theta_edges),
+        accumulate=True)
+
+
+def _assert_same_parameter_gradients(layer, states, peer):
+    """Gradients of a random projection of the states, through the module and the peer."""
+    upstream = torch.randn_like(states)
+    params = (layer.theta_diag, layer.theta_edges)
+    g_ours = torch.autograd.grad((states * upstream).sum(), params)
+    g_peer = torch.autograd.grad((peer * upstream).sum(), params)
+    for mine, theirs in zip(g_ours, g_peer, strict=True):
+        assert _rel(mine, theirs) < 1e-10
+
 def _random_operator(n, density=0.4, scale=0.5, seed=0):
     gen = torch.Generator().manual_seed(seed)
     dense = scale * torch.randn(n, n, dtype=F64, generator=gen)
@@ -199,19 +216,12 @@ def test_linear_ode_module_trains_diagonal_and_generator_edges():
         layer.theta_edges.normal_()
     x0 = torch.randn(n, S, dtype=F64)
     states = layer(x0=x0)
-    W = torch.zeros(n, n, dtype=F64).index_put(
-        (layer.edge_rows, layer.edge_cols), torch.nn.functional.softplus(layer.theta_edges),
-        accumulate=True)
+    W = _edge_weights(layer, n)
     A = (torch.tensor(A0.toarray()) + W - torch.diag(W.sum(1))
          - torch.diag(torch.nn.functional.softplus(layer.theta_diag)))
     peer = _augmented_states(A, torch.zeros(n, S, dtype=F64), x0, [0.5, 1.0])
     assert _rel(states, peer) < 1e-12
-    upstream = torch.randn_like(states)
-    params = (layer.theta_diag, layer.theta_edges)
-    g_ours = torch.autograd.grad((states * upstream).sum(), params)
-    g_peer = torch.autograd.grad((peer * upstream).sum(), params)
-    for mine, theirs in zip(g_ours, g_peer, strict=True):
-        assert _rel(mine, theirs) < 1e-10
+    _assert_same_parameter_gradients(layer, states, peer)
     target = peer.detach() * 0.5
     opt = torch.optim.Adam(layer.parameters(), lr=0.05)
     losses = []
@@ -300,19 +310,12 @@ def test_linear_ode_module_with_the_rational_method():
                           edges="softplus", times=[1.0, 2.0], method="rational")
     x0 = torch.randn(n, S, dtype=F64)
     states = layer(x0=x0)
-    W = torch.zeros(n, n, dtype=F64).index_put(
-        (layer.edge_rows, layer.edge_cols), torch.nn.functional.softplus(layer.theta_edges),
-        accumulate=True)
+    W = _edge_weights(layer, n)
     A = (torch.tensor(10.0 * _grid_laplacian(m).toarray()) + W
          - torch.diag(torch.nn.functional.softplus(layer.theta_diag)))
     peer = _augmented_states(A, torch.zeros(n, S, dtype=F64), x0, [1.0, 2.0])
     assert _rel(states, peer) < 1e-10
-    upstream = torch.randn_like(states)
-    params = (layer.theta_diag, layer.theta_edges)
-    g_ours = torch.autograd.grad((states * upstream).sum(), params)
-    g_peer = torch.autograd.grad((peer * upstream).sum(), params)
-    for mine, theirs in zip(g_ours, g_peer, strict=True):
-        assert _rel(mine, theirs) < 1e-10
+    _assert_same_parameter_gradients(layer, states, peer)
 
 
 def test_bad_arguments_raise_clear_errors():
