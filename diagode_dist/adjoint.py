@@ -81,10 +81,10 @@ def loss_and_grad(prob: Problem, theta, param=None, k: int = 30, columns=None,
         of those: dL/dtheta (p,), dL/dx0 = lambda(0) / |B| (n, S) and dL/dF = int lambda dt / |B|
         (n, S) (zero outside the chosen columns B; both on the problem's device), all from the
         one adjoint pass
-    method : "auto" (the default: rational for a sparse A0 when an a-priori cost model from
-        ||T A||_1, nnz and n says it is cheaper, else polynomial; a rational march that fails
-        falls back to the polynomial one; see ``diagode_dist.rational.choose_method``),
-        "polynomial" (Krylov spaces of A: matrix-free, for non-stiff problems) or "rational"
+    method : "polynomial" (the default: Krylov spaces of A: matrix-free), "auto" (rational for
+        a sparse A0 when an a-priori cost model from ||T A||_1, nnz and n says it is cheaper,
+        else polynomial; a rational march that fails falls back to the polynomial one; see
+        ``diagode_dist.rational.choose_method``) or "rational"
         (shift-and-invert spaces of (I - gamma (A - mu I))^{-1}, one sparse factorization per
         call: for stiff sparse A0, where their dimension does not grow with ||T A||)
 

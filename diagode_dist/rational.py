@@ -40,7 +40,7 @@ from .expm import expm_batched
 
 METHODS = ("auto", "polynomial", "rational")
 """Values of the ``method`` option of ``loss_and_grad``."""
-DEFAULT_METHOD = "auto"
+DEFAULT_METHOD = "polynomial"
 """The ``method`` every entry point (``loss_and_grad``, ``TrainOptions``, the layers) uses when
 none is given."""
 

@@ -50,12 +50,11 @@ def expm_multiply(A: torch.Tensor, B: torch.Tensor, t=1.0, *, rtol: float = DEFA
     t : real number or 0-d tensor (any sign; t < 0 runs exp(|t| (-A)))
     rtol : relative accuracy of the Krylov projections (raised to 100 eps of the dtype)
     k : maximum Krylov dimension per sub-step (>= 8)
-    method : "auto" (the default: chosen per call, as below), "polynomial" (Krylov spaces of
-        A, matrix-free), "rational" (shift-and-invert
-        spaces of (I - gamma A)^{-1}, one sparse LU per call, on the host: for stiff problems,
-        ||t A|| in the thousands; A sparse or requiring grad) or "auto" (chosen per call from
-        ||t A||_1, nnz and n), as ``diagode_dist.loss_and_grad``'s; the backward uses the
-        forward's
+    method : "polynomial" (the default; Krylov spaces of A, matrix-free), "rational"
+        (shift-and-invert spaces of (I - gamma A)^{-1}, one sparse LU per call, on the host:
+        for stiff problems, ||t A|| in the thousands; A sparse or requiring grad) or "auto"
+        (chosen per call from ||t A||_1, nnz and n), as ``diagode_dist.loss_and_grad``'s; the
+        backward uses the forward's
 
     Returns
     -------

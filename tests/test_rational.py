@@ -106,16 +106,11 @@ def _method(prob, theta, k=30):
                             return_info=True)[2]["method"]
 
 
-def test_auto_is_the_default_everywhere():
-    """The a-priori choice is what a call without ``method`` gets: rational on a stiff sparse
-    problem, polynomial on a mild one (and on every dense one, see the seed demo below)."""
+def test_polynomial_is_the_default_everywhere():
     stiff, theta = _laplacian_1d(40, 1e3)
-    mild, _ = _laplacian_1d(40, 1.0)
     assert dd.loss_and_grad(stiff, theta, rtol=1e-8, return_info=True)[2]["method"] == \
-        "rational"
-    assert dd.loss_and_grad(mild, theta, rtol=1e-8, return_info=True)[2]["method"] == \
         "polynomial"
-    assert dd.TrainOptions().method == "auto"
+    assert dd.TrainOptions().method == "polynomial"
 
 
 def test_auto_chooses_by_stiffness_on_both_sides_of_the_threshold():

@@ -88,7 +88,7 @@ def fits(stiff):
 # ---- the option --------------------------------------------------------------------------------
 
 def test_method_option_default_checks_and_wire():
-    assert TrainOptions().method == "auto"
+    assert TrainOptions().method == "polynomial"
     assert set(rational.METHODS) == {"auto", "polynomial", "rational"}
     for method in rational.METHODS:
         options = TrainOptions(method=method)
