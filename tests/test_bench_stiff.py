@@ -99,7 +99,7 @@ def test_quick_tables_have_their_structure_and_right_numbers():
     text = stiff_tables(options, markdown=True, log=lines.append)
     assert text.count("### ") == 3 and "T lambda_max = " in text
     table = [row.split(" | ") for row in text.splitlines() if row.startswith("| ours")]
-    assert [cells[0] for cells in table] == ["| ours rational k=60", "| ours polynomial k=30"]
+    assert [cells[0] for cells in table] == ["| ours rational k=30", "| ours polynomial k=30"]
     for cells in table:
         assert float(cells[3]) < 1e-7 and float(cells[4]) < 1e-6  # loss, slope errors
     flat = [row for row in text.splitlines() if row.startswith(("| 1000 |", "| 10000 |"))]

@@ -232,8 +232,7 @@ def _submit(caller: str, client, problem, theta0, param, options, checkpoint_dir
         n=n, S=S, n_shards=_n_shards(client, problem, options.n_shards, S), options=options,
         checkpoint_dir=_checkpoint_dir(checkpoint_dir), resume=resume,
         resume_override=tuple(resume_override), stall_timeout=stall_timeout,
-        n_theta=None if theta_size == n else theta_size,
-        fingerprint=fingerprint)
+        n_theta=None if theta_size == n else theta_size, fingerprint=fingerprint)
     devices = plan_devices(cluster_devices(client), spec.n_shards)  # before registering
     token = secrets.token_urlsafe(24)
     install(client)
@@ -363,8 +362,7 @@ def _check_problem(problem) -> tuple[int, int]:
 
 
 def _check_method(method: str, operator_print: dict) -> None:
-    """method="rational" factorizes I - gamma A on every shard: refuse a dense A0 here rather
-    than at every shard's first step."""
+    """method="rational" factorizes on every shard: refuse a dense A0 before any shard runs."""
     if method == "rational" and not operator_print.get("sparse", False):
         raise ValueError("method='rational' needs a sparse A0 (SciPy CSR, a .npz or sparse .mtx "
                          "file): the shift-and-invert space factorizes I - gamma A; use "
