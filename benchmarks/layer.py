@@ -9,7 +9,7 @@
 2. Stiff 2-D diffusion at development size (32 x 32 grid, S = 16).
 
 ``python -m benchmarks --cases none --layer-stiff --peer-budget 600`` runs the stiff case at the
-issue's size: A = the 5-point Laplacian on a 128 x 128 grid (n = 16384, Dirichlet,
+benchmark size: A = the 5-point Laplacian on a 128 x 128 grid (n = 16384, Dirichlet,
 h = 1/(m+1)), t with ||t A||_2 = 5000, B (n, 64) random, L = <G, exp(t A) B> with G random:
 forward + backward of ``expm_multiply`` (rational Krylov; gradients for A's stored values and
 B) against torchdiffeq (dopri5 ``odeint`` with backprop and ``odeint_adjoint`` at

@@ -1,4 +1,4 @@
-"""examples/connectivity_ude.py runs (``--quick``) and its numbers meet the issue's targets at
+"""examples/connectivity_ude.py runs (``--quick``) and its numbers meet the example's targets at
 the small size: exact gradients, directional derivatives, a recovery that improves."""
 
 from __future__ import annotations
