@@ -152,25 +152,10 @@ def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, ti
             return _chunk_loss_grad(op_prob, d, part, k, rtol, time_integral, quad_points,
                                     a_norm, substeps, extras, rational)
 
-        with _single_threaded_blas(prob.xp):
-            if threads > 1 and len(chunks) > 1:
-                # each chunk thread in a copy of this context: a memory_share holds there too
-                contexts = [contextvars.copy_context() for _ in chunks]
-                with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
-                    return list(pool.map(lambda ctx, part: ctx.run(run, part), contexts, chunks))
-            return [run(part) for part in chunks]
+        return _map_chunks(run, chunks, threads, prob.xp)
 
-    if chosen == "polynomial":
-        parts = run_chunks(None, max_substeps)
-    elif method == "rational":
-        # one factorization for every chunk, column, step and (transposed) the adjoint
-        parts = run_chunks(_shift_invert(op_prob, d), max_substeps)
-    else:  # chosen by the a-priori model: the polynomial path takes over where it fails
-        try:
-            parts = run_chunks(_shift_invert(op_prob, d),
-                               substep_limit(max_substeps, len(prob.loss.obs_times)))
-        except AccuracyError:
-            chosen, parts = "polynomial", run_chunks(None, max_substeps)
+    chosen, parts = _by_method(method, chosen, op_prob, d, max_substeps,
+                               len(prob.loss.obs_times), run_chunks)
     loss_sum, grads = _gather(prob, param, theta_dev, chunks, parts, names)
     _check_finite(loss_sum, grads, prob.xp)
     info = _certified_info([part[2] for part in parts], rtol, k, prob.dtype, chosen)
@@ -226,7 +211,10 @@ def forward_pass(prob: Problem, theta, param=None, *, times=None, columns=None, 
     # every chunk's intervals live until the adjoint pass: they share the budget
     keep_bytes = memory_budget(prob.xp) // 2 // len(parts) if keep else 0
 
-    def run(used, rational, substeps, redo=None) -> ForwardPass:
+    def run(rational, substeps) -> ForwardPass:
+        used = "polynomial" if rational is None else "rational"
+        # a rational attempt chosen by "auto" may still fail in the adjoint: redo polynomial
+        redo = (lambda: run(None, max_substeps)) if method == "auto" and rational else None
         chunks = _map_chunks(
             lambda part: _chunk_forward(op_prob, d, part, k, rtol, a_norm, substeps,
                                         keep_bytes, rational, times), parts, threads, prob.xp)
@@ -238,18 +226,22 @@ def forward_pass(prob: Problem, theta, param=None, *, times=None, columns=None, 
         return ForwardPass(op_prob, param, theta_dev, array_module(theta), states, chunks,
                            keep, threads, k, rtol, substeps, used, redo)
 
-    def polynomial():
-        return run("polynomial", None, max_substeps)
+    return _by_method(method, chosen, op_prob, d, max_substeps, len(times), run)[1]
 
+
+def _by_method(method, chosen, op_prob, d, max_substeps, n_obs, run):
+    """(the method used, run(rational, substeps)) for the ``chosen`` method; rational is None
+    (polynomial Krylov) or (factorization, space): one factorization for every chunk, column,
+    step and (transposed) the adjoint. A rational attempt that "auto" chose gives up after
+    ``substep_limit`` sub-steps, and the polynomial path takes over where it fails."""
     if chosen == "polynomial":
-        return polynomial()
+        return "polynomial", run(None, max_substeps)
     if method == "rational":
-        return run("rational", _shift_invert(op_prob, d), max_substeps)
-    try:  # chosen by the a-priori model: give up early where its sub-steps pile up
-        return run("rational", _shift_invert(op_prob, d),
-                   substep_limit(max_substeps, len(times)), polynomial)
+        return "rational", run(_shift_invert(op_prob, d), max_substeps)
+    try:
+        return "rational", run(_shift_invert(op_prob, d), substep_limit(max_substeps, n_obs))
     except AccuracyError:
-        return polynomial()
+        return "polynomial", run(None, max_substeps)
 
 
 def _forward_states(chunks, prob, m, c, rtol, k):
@@ -589,8 +581,10 @@ def _map_chunks(fn, chunks, threads, xp) -> list:
     thread each)."""
     with _single_threaded_blas(xp):
         if threads > 1 and len(chunks) > 1:
+            # each chunk thread in a copy of this context: a memory_share holds there too
+            contexts = [contextvars.copy_context() for _ in chunks]
             with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
-                return list(pool.map(fn, chunks))
+                return list(pool.map(lambda ctx, chunk: ctx.run(fn, chunk), contexts, chunks))
         return [fn(chunk) for chunk in chunks]
 
 
