@@ -37,6 +37,7 @@ import scipy.sparse.linalg as spla
 from ._array import array_module, is_sparse, to_numpy
 from .errors import AccuracyError
 from .expm import expm_batched
+from .krylov import arnoldi
 
 METHODS = ("auto", "polynomial", "rational")
 """Values of the ``method`` option of ``loss_and_grad``."""
@@ -138,24 +139,10 @@ def rightmost_estimate(A0, d, gamma: float) -> float:
     if not bound > 0.0:
         return 0.0
     factor = ShiftInvert(A0, to_numpy(d), gamma, bound)
-    rng = np.random.default_rng(0)
-    steps = min(_ESTIMATE_STEPS, A.shape[0] - 1)
-    basis = np.zeros((steps + 1, A.shape[0]), dtype=A.dtype)
-    hessenberg = np.zeros((steps + 1, steps), dtype=basis.dtype)
-    start = rng.standard_normal(A.shape[0])
-    basis[0] = start / np.linalg.norm(start)
-    for j in range(steps):
-        w = factor.solve(basis[j][None, :])[0]
-        for _ in range(2):  # CGS2
-            h = basis[: j + 1] @ w
-            w = w - h @ basis[: j + 1]
-            hessenberg[: j + 1, j] += h
-        hessenberg[j + 1, j] = np.linalg.norm(w)
-        if not hessenberg[j + 1, j] > 1e-12 * abs(hessenberg[: j + 1, j]).max():
-            steps = j + 1  # an invariant subspace: its Ritz values are eigenvalues
-            break
-        basis[j + 1] = w / hessenberg[j + 1, j]
-    ritz = np.linalg.eigvals(hessenberg[:steps, :steps])
+    start = np.random.default_rng(0).standard_normal((1, A.shape[0])).astype(A.dtype)
+    proj = arnoldi(factor.solve, start, min(_ESTIMATE_STEPS, A.shape[0] - 1))
+    m = int(proj.dims[0])  # shorter at a breakdown: an invariant subspace, exact eigenvalues
+    ritz = np.linalg.eigvals(proj.square[0, :m, :m])
     ritz = ritz[np.abs(ritz) > 0]
     eigen = bound + (1.0 - 1.0 / ritz) / gamma
     return max(0.0, float(np.max(eigen.real))) if eigen.size else 0.0
