@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._array import array_module, basis_combine, to_numpy
+from ._chain import chain_links
 from .errors import AccuracyError
 from .expm import expm_batched
 from .krylov import Projection, arnoldi, combine, exp_and_error
@@ -180,7 +181,8 @@ def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, 
     if space is None:
         y, err = exp_and_error(square, next_subdiag, norms, tau)
     else:
-        y, err = space.exp_and_error(square, next_subdiag, norms, tau, dims)
+        y, err = space.exp_and_error(square, next_subdiag, norms, tau, dims,
+                                     basis[:, :, n_rows:])
     size = xp.linalg.norm(combine(basis[:, :, :n_rows], y), axis=1)
     eps = _eps(norms)
     floor = _ROUNDING * eps * (norms + xp.abs(y).sum(axis=1))
@@ -404,9 +406,12 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
 
     Updates lam (c, n) in place for the interval's columns; returns the gradient part (n,).
     """
+    if space is not None and time_integral == "vanloan":
+        return _chained_adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, symmetric,
+                                         max_substeps, extras, space)
     xp = array_module(lam)
     grad = xp.zeros(n, dtype=lam.dtype)
-    step_rtol = rtol if space is None else rtol * space.adjoint_share
+    step_rtol = rtol
     elapsed = np.zeros(iv.columns.size)  # adjoint time covered, from the interval's end
     active = np.arange(iv.columns.size)
     while active.size:
@@ -439,6 +444,67 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
         elapsed[active] = np.where(reached, iv.tau[active], elapsed[active] + sigma)
         active = active[~reached]
     return grad
+
+
+def _chained_adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, symmetric,
+                              max_substeps, extras, space):
+    """``_adjoint_interval`` in a shift-and-invert space: each basis serves a chain of
+    sub-steps (``_chain``), a new one is built only where a chain stops short of the
+    interval's start. Only the Van Loan time integral (the trapezoid rule is a polynomial-path
+    comparison)."""
+    xp = array_module(lam)
+    grad = xp.zeros(n, dtype=lam.dtype)
+    step_rtol = rtol * space.adjoint_share
+    elapsed = np.zeros(iv.columns.size)  # adjoint time covered, from the interval's end
+    active = np.arange(iv.columns.size)
+    while active.size:
+        _check_work(acc.adjoint_steps, max_substeps, k, rtol, "adjoint")
+        rows = xp.asarray(iv.columns[active])
+        remaining = iv.tau[active] - elapsed[active]
+        norms = xp.linalg.norm(lam[rows], axis=1)
+        accept = _Acceptor(norms, remaining, step_rtol, T, n, space)
+        adj = arnoldi(apply_T, lam[rows], k, symmetric=symmetric, accept=accept)
+        acc.adjoint_steps += 1
+        acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
+        sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))
+        link = _LinkIntegral(adj, sub, space, remaining, iv.columns[active], n, acc, extras)
+        chain = chain_links(adj, space, remaining, T, step_rtol, link)
+        acc.adjoint[iv.columns[active]] += chain.error
+        grad += link.grad
+        lam[rows] = chain.lam
+        elapsed[active] += chain.covered
+        active = active[elapsed[active] < iv.tau[active] * (1 - 1e-12)]
+    return grad
+
+
+class _LinkIntegral:
+    """The Van Loan integral (and the extras) of each link of a chain in one adjoint space."""
+
+    def __init__(self, adj, fwd, space, remaining, columns, n, acc, extras):
+        """adj, fwd: the adjoint and forward Projections of the chain's columns (chunk indices
+        ``columns``); remaining (c,) host: adjoint time left in the forward interval."""
+        self.adj, self.fwd, self.remaining, self.columns = adj, fwd, remaining, columns
+        self.n, self.acc, self.extras = n, acc, extras
+        self.G, self.H = _operator(adj, space), _operator(fwd, space)
+        self.grad = array_module(adj.norms).zeros(n, dtype=adj.norms.dtype)
+
+    def __call__(self, live, tau, done, start):
+        """Add the link of columns ``live`` (host indices into the chain's columns): steps tau
+        (host), adjoint time done before it (host), adjoint coefficients at its start (c_l, m)."""
+        xp = array_module(start)
+        picked = xp.asarray(live)
+        adj, fwd = _rows_of(self.adj, picked), _rows_of(self.fwd, picked)
+        G, H = self.G[picked], self.H[picked]
+        begin = np.maximum(self.remaining[live] - done - tau, 0.0)  # forward-local start
+        y_start, y_norm = _forward_coefficients(H, fwd.norms, begin)
+        z_norm = xp.linalg.norm(start, axis=1)
+        z_start = start / xp.where(z_norm > 0, z_norm, 1.0)[:, None]
+        M = van_loan(G, H, xp.asarray(tau, dtype=start.dtype), y_start, z_start)
+        WM = _products(adj.basis, M * (z_norm * y_norm)[:, None, None])
+        if self.extras is not None:  # reads W M before the diagonal reuses it in place
+            self.extras.substep(self.columns[live], adj, WM, fwd, tau, G, start)
+        self.grad += _diagonal_sum(WM, fwd.basis[:, :, : self.n])
+        self.acc.adjoint[self.columns[live]] += _van_loan_rounding(G, tau, H)
 
 
 def _van_loan_rounding(G, sigma, H):

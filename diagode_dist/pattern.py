@@ -169,14 +169,16 @@ class AdjointExtras:
         self.pattern, self.integral, self.n = pattern, integral, n
         self.weights = self.forcing = self.initial = None
 
-    def substep(self, columns, adj, WM, fwd, sigma, operator=None):
+    def substep(self, columns, adj, WM, fwd, sigma, operator=None, start=None):
         """One adjoint sub-step of the chunk's columns ``columns`` (host ints).
 
         adj : adjoint Projection (basis (ma, c_q, n)); WM : (c_q, mf, n) the adjoint basis times
         the Van Loan block with the norms applied (what the diagonal gradient is summed from);
         fwd : forward Projection of those columns (basis (mf, c_q, N));
         sigma : (c_q,) host step lengths; operator : (c_q, ma, ma) the projected adjoint
-        operator (default adj's Hessenberg; another space recovers it from its own).
+        operator (default adj's Hessenberg; another space recovers it from its own);
+        start : (c_q, ma) the adjoint's coefficients at the sub-step's start (default
+        adj.norms e1; a sub-step chained inside a space starts elsewhere).
         """
         xp = array_module(WM)
         if self.pattern is not None:
@@ -184,17 +186,21 @@ class AdjointExtras:
             self.weights = part if self.weights is None else self.weights + part
         if self.integral:
             self._add_integral(xp, columns, adj, sigma,
-                               adj.square if operator is None else operator)
+                               adj.square if operator is None else operator, start)
 
-    def _add_integral(self, xp, columns, adj, sigma, operator):
-        """int_0^sigma lambda dt = W gamma sigma phi1(sigma G) e1: the top-right column of
-        exp([[sigma G, e1], [0, 0]]) is phi1(sigma G) e1."""
+    def _add_integral(self, xp, columns, adj, sigma, operator, start=None):
+        """int_0^sigma lambda dt = W sigma phi1(sigma G) z0: the top-right column of
+        exp([[sigma G, z0], [0, 0]]) is phi1(sigma G) z0 (z0 = beta e1 unless ``start``)."""
         c, m = adj.norms.shape[0], operator.shape[-1]
         tau = xp.asarray(sigma, dtype=adj.norms.dtype)
         block = xp.zeros((c, m + 1, m + 1), dtype=adj.norms.dtype)
         block[:, :m, :m] = tau[:, None, None] * operator
-        block[:, 0, m] = 1.0
-        coeffs = expm_batched(block)[:, :m, m] * (adj.norms * tau)[:, None]
+        if start is None:
+            block[:, 0, m], size = 1.0, adj.norms
+        else:
+            size = xp.linalg.norm(start, axis=1)
+            block[:, :m, m] = start / xp.where(size > 0, size, 1.0)[:, None]
+        coeffs = expm_batched(block)[:, :m, m] * (size * tau)[:, None]
         part = basis_combine(adj.basis, coeffs)  # (c_q, n)
         rows = xp.asarray(columns)
         self.forcing[rows] += part

@@ -18,18 +18,22 @@ from ._array import array_module
 from .expm import expm_batched, expm_block_upper
 
 
-def van_loan(G, H, tau, y_start):
+def van_loan(G, H, tau, y_start, z_start=None):
     """Exact integral over an adjoint sub-step of length tau.
 
     G : (c, ma, ma) adjoint Hessenberg; H : (c, mf, mf) forward Hessenberg; tau : (c,) steps;
     y_start : (c, mf) unit forward coefficients at the sub-step's start (e1 when the adjoint
-    step spans the whole forward interval). The coupling block becomes e1 y_start^T.
+    step spans the whole forward interval); z_start : (c, ma) unit adjoint coefficients at the
+    sub-step's start (default e1). The coupling block becomes z_start y_start^T.
     Returns M_unit (c, ma, mf) = M / (gamma ||y(start)||).
     """
     xp = array_module(G)
     scale = tau[:, None, None]
-    coupling = xp.zeros((G.shape[0], G.shape[1], H.shape[1]), dtype=G.dtype)
-    coupling[:, 0, :] = y_start
+    if z_start is None:
+        coupling = xp.zeros((G.shape[0], G.shape[1], H.shape[1]), dtype=G.dtype)
+        coupling[:, 0, :] = y_start
+    else:
+        coupling = z_start[:, :, None] * y_start[:, None, :]
     _, M = expm_block_upper(scale * G, scale * coupling, scale * H.transpose(0, 2, 1))
     return M
 
