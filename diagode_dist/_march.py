@@ -179,7 +179,7 @@ def _estimate(square, next_subdiag, norms, tau, basis, n_rows, space=None, dims=
 def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, dims):
     xp = array_module(norms)
     if space is None:
-        y, err = exp_and_error(square, next_subdiag, norms, tau)
+        y, err = exp_and_error(square, next_subdiag, norms, tau, dims)
     else:
         y, err = space.exp_and_error(square, next_subdiag, norms, tau, dims,
                                      basis[:, :, n_rows:])
@@ -462,14 +462,15 @@ def _chained_adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, symmetr
         rows = xp.asarray(iv.columns[active])
         remaining = iv.tau[active] - elapsed[active]
         norms = xp.linalg.norm(lam[rows], axis=1)
-        accept = _Acceptor(norms, remaining, step_rtol, T, n, space)
+        along = space.along_the_step()
+        accept = _Acceptor(norms, remaining, step_rtol, T, n, along)
         adj = arnoldi(apply_T, lam[rows], k, symmetric=symmetric, accept=accept)
         acc.adjoint_steps += 1
         acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
         sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))
         link = _LinkIntegral(adj, sub, space, remaining, iv.columns[active], n, acc, extras)
-        chain = chain_links(adj, space, remaining, T, step_rtol, link)
-        acc.adjoint[iv.columns[active]] += chain.error
+        chain = chain_links(adj, along, remaining, T, step_rtol, link)
+        acc.adjoint[iv.columns[active]] += chain.error + link.forward_error()
         grad += link.grad
         lam[rows] = chain.lam
         elapsed[active] += chain.covered
@@ -486,7 +487,23 @@ class _LinkIntegral:
         self.adj, self.fwd, self.remaining, self.columns = adj, fwd, remaining, columns
         self.n, self.acc, self.extras = n, acc, extras
         self.G, self.H = _operator(adj, space), _operator(fwd, space)
+        # the forward space two dimensions smaller: the integral's lag-2 difference is the
+        # forward states' error as this step's integral weighs them
+        self.H_small = space.operator(fwd.square, np.maximum(fwd.dims - 2, 1))
         self.grad = array_module(adj.norms).zeros(n, dtype=adj.norms.dtype)
+        c = adj.norms.shape[0]
+        self.integral_diff, self.integral_size = np.zeros(c), np.zeros(c)
+        self.forward_exact = to_numpy(fwd.next_subdiag == 0)
+        self.forward_unknown = (fwd.dims <= 2) & ~self.forward_exact
+
+    def forward_error(self):
+        """Relative error (host (c,)) of the chain's time integrals from the forward space's
+        truncation: the lag-2 difference of the integrals, summed over links, relative to
+        their summed size (0 for an invariant forward subspace)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            err = self.integral_diff / np.where(self.integral_size > 0, self.integral_size, 1.0)
+        err = np.where(self.forward_exact, 0.0, err)
+        return np.where(self.forward_unknown | ~np.isfinite(err), np.inf, err)
 
     def __call__(self, live, tau, done, start):
         """Add the link of columns ``live`` (host indices into the chain's columns): steps tau
@@ -499,8 +516,16 @@ class _LinkIntegral:
         y_start, y_norm = _forward_coefficients(H, fwd.norms, begin)
         z_norm = xp.linalg.norm(start, axis=1)
         z_start = start / xp.where(z_norm > 0, z_norm, 1.0)[:, None]
-        M = van_loan(G, H, xp.asarray(tau, dtype=start.dtype), y_start, z_start)
-        WM = _products(adj.basis, M * (z_norm * y_norm)[:, None, None])
+        steps = xp.asarray(tau, dtype=start.dtype)
+        M = van_loan(G, H, steps, y_start, z_start)
+        H_small = self.H_small[picked]
+        y_small, y_small_norm = _forward_coefficients(H_small, fwd.norms, begin)
+        M_small = van_loan(G, H_small, steps, y_small, z_start)
+        weight, weight_small = z_norm * y_norm, z_norm * y_small_norm
+        diff = M * weight[:, None, None] - M_small * weight_small[:, None, None]
+        self.integral_diff[live] += to_numpy(xp.linalg.norm(diff, axis=(1, 2)))
+        self.integral_size[live] += to_numpy(xp.linalg.norm(M, axis=(1, 2)) * weight)
+        WM = _products(adj.basis, M * weight[:, None, None])
         if self.extras is not None:  # reads W M before the diagonal reuses it in place
             self.extras.substep(self.columns[live], adj, WM, fwd, tau, G, start)
         self.grad += _diagonal_sum(WM, fwd.basis[:, :, : self.n])

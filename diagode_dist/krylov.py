@@ -27,7 +27,7 @@ class Projection:
     basis : (m, c, N)  orthonormal basis vectors of each column, zero beyond its dimension
     hessenberg : (c, m + 1, m)  projected operator; rows/columns beyond a column's dimension
         are zero, so exp of its square part acts on that column's own dimension only
-    next_subdiag : (c,)  h_{m+1,m} of the columns that used all m dimensions (else 0)
+    next_subdiag : (c,)  each column's own h_{d+1,d} (d its dimension; 0 at a breakdown)
     norms : (c,)  norm of each start vector
     dims : (c,) host ints, each column's own Krylov dimension
     converged : (c,) host bools, True where ``accept`` (or a breakdown) ended the column
@@ -151,7 +151,11 @@ class _Schedule:
 
 
 def _truncate(basis, hess, norms, dims, converged, m, xp) -> Projection:
-    next_subdiag = hess[:, m, m - 1] * xp.asarray(dims == m)
+    # each column's own h_{d+1,d} (0 only where it broke down or spans the space): a column
+    # accepted below m is not an invariant subspace, and a later estimate at another step
+    # must not read it as one
+    rows, at = xp.arange(dims.size), xp.asarray(np.maximum(dims, 1))
+    next_subdiag = hess[rows, at, at - 1]
     d = xp.asarray(dims)[:, None, None]
     keep = (xp.arange(m + 1)[None, :, None] < d) & (xp.arange(m)[None, None, :] < d)
     hessenberg = hess[:, : m + 1, :m] * keep
@@ -185,12 +189,13 @@ def _divide_rows(w, norms, xp):
     return w * inverse[:, None]
 
 
-def exp_and_error(hessenberg, next_subdiag, norms, tau):
+def exp_and_error(hessenberg, next_subdiag, norms, tau, dims=None):
     """Projected solution and error estimate of ``exp(tau A) v`` for every column.
 
     hessenberg : (c, m, m) square Hessenberg matrices H (or (c, m+1, m): the last row is
         ignored); next_subdiag : (c,) h = h_{m+1,m}; norms : (c,) beta = ||v||; tau : (c,)
-        steps (each column may take its own).
+        steps (each column may take its own); dims : (c,) host ints, each column's own
+        dimension d (default m): the estimate reads row d of phi1 (zero padding beyond it).
 
         y   = beta exp(tau H) e1                          (c, m)  coefficients in the basis
         err = beta tau h |e_m^T phi1(tau H) e1|           (c,)    (Saad 1992; Expokit's expv)
@@ -204,5 +209,6 @@ def exp_and_error(hessenberg, next_subdiag, norms, tau):
     block[:, 0, m] = 1.0
     E = expm_batched(block)
     y = norms[:, None] * E[:, :m, 0]
-    err = norms * tau * xp.abs(next_subdiag) * xp.abs(E[:, m - 1, m])
+    last = xp.full(c, m - 1) if dims is None else xp.asarray(np.asarray(dims) - 1)
+    err = norms * tau * xp.abs(next_subdiag) * xp.abs(E[xp.arange(c), last, m])
     return y, err
