@@ -464,7 +464,7 @@ def _chunk_adjoint(fwd: _ChunkForward, jumps, k, rtol, time_integral, quad_point
     """(dL/dd sum (n,), Accuracy) of the adjoint march with ``jumps`` (m, c, n) = dL/dx(t_i)
     across a forward march's intervals; ``extras`` is filled. The forward record is left as it
     is (a second adjoint pass over the same forward march starts afresh)."""
-    acc = replace(fwd.acc, adjoint=np.zeros_like(fwd.acc.adjoint), adjoint_dim=0,
+    acc = replace(fwd.acc, adjoint=np.zeros_like(fwd.acc.adjoint), adjoint_dim=0, integral=None,
                   adjoint_steps=0)
     grad_d = march_adjoint(fwd.make_apply, fwd.apply_T, fwd.intervals, jumps, jumps.shape[2],
                            fwd.horizon, k, rtol, acc, time_integral, quad_points, fwd.symmetric,

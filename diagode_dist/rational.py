@@ -28,7 +28,6 @@ error of the answer returned.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -297,46 +296,31 @@ class ShiftInvertSpace:
             inverse = xp.linalg.inv(padded)
         return xp.where(keep, (eye - inverse) / self.gamma + self.shift * eye, 0.0)
 
-    def exp_and_error(self, square, next_subdiag, norms, tau, dims=None, tail=None):
-        """y = beta exp(tau A_m) e1 (c, m) and err (c,): the difference ||y - y_{m-2}|| to the
-        answer of the space of dimension m - 2 (inf where m <= 2; 0 where h_{m+1,m} = 0, an
-        invariant subspace: exact), at tau and (``span_error``) at every time of
-        ``span_times`` x tau, returned as an error at tau. Why every time: the integral of a
-        step reads the states all along it, and a shift-and-invert space is least accurate
-        early in a step (measured on a dissipative 2-D grid, ||TA|| = 1e4, x0 = 0: 1e-12 at
-        tau, 1.3e-3 at tau / 1000).
-        tail : (m, c, r) the basis rows that are not part of the state (the augmented
-        coordinate of the forward march), or None."""
+    def exp_and_error(self, square, next_subdiag, norms, tau, dims=None):
+        """y = beta exp(tau A_m) e1 (c, m) and err (c,) = ||y - y_{m-2}||, the difference to
+        the answer of the space of dimension m - 2 (inf where m <= 2; 0 where h_{m+1,m} = 0,
+        an invariant subspace: exact).
+
+        A state that underflowed (below finfo.tiny / eps, where gradual underflow eats its
+        digits) from a nonzero start gets err = inf: the difference of two such states
+        certifies nothing (measured: a dissipative 2-D grid at ||TA|| =
+        1e4 accepted a 4-dimensional adjoint space on it whose states were wrong by 8 % a
+        hundredth of the way along the step). What the estimate at the step's end cannot see
+        along the step, the lag-2 difference of each step's time integral checks
+        (``_march``)."""
         xp = array_module(square)
         c, m, _ = square.shape
         dims = np.full(c, m) if dims is None else np.asarray(dims)
-        times = tau[:, None] * xp.asarray(self.span_times, dtype=tau.dtype)[None, :]  # (c, J)
-        y = self._coefficients(square, dims, norms, times)  # (c, J, m)
+        y = self._coefficients(square, dims, norms, tau[:, None])[:, 0]
         smaller = dims - _LAG
-        y_small = self._coefficients(square, np.maximum(smaller, 1), norms, times)
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            diff = xp.linalg.norm(y - y_small, axis=2)  # (c, J)
-            size = _state_norms(y, tail)
-            err = span_error(diff, size) * size[:, 0]
-        err = xp.where(xp.isfinite(err), err, xp.inf)
+        y_small = self._coefficients(square, np.maximum(smaller, 1), norms, tau[:, None])[:, 0]
+        with np.errstate(over="ignore", invalid="ignore"):
+            err = xp.linalg.norm(y - y_small, axis=1)
+        lost = (xp.linalg.norm(y, axis=1) < _underflow(y)) & (norms > 0)
+        err = xp.where(lost, xp.inf, err)
         err = xp.where(xp.asarray(smaller >= 1), err, xp.inf)
         err = xp.where(next_subdiag == 0, 0.0, err)
-        return y[:, 0], err
-
-    span_times = np.ones(1)
-    """Fractions of a step at which its error is estimated: its end only, or (the space
-    ``along_the_step`` returns, for the adjoint) 12 times down to 2.4e-7 of it."""
-
-    def along_the_step(self) -> ShiftInvertSpace:
-        """The same space with errors estimated along each step, not only at its end. The
-        adjoint needs it: its states near the start of a step weigh most in the gradient
-        when it decays fast (a dissipative 2-D grid at ||TA|| = 1e4: checked only at the end,
-        a 4-dimensional adjoint space was accepted whose states at tau / 100 were wrong by
-        8 %; the gradient by 2e-7 at rtol 1e-8). The forward states are checked against the
-        adjoint instead, in each step's time integral (``_march``)."""
-        other = copy.copy(self)
-        other.span_times = 0.25 ** np.arange(12)
-        return other
+        return y, err
 
     def _coefficients(self, square, dims, norms, times):
         """beta exp(t A_dims) e1 per column and time, zero beyond its dimension (c, J, m)."""
@@ -348,25 +332,8 @@ class ShiftInvertSpace:
         return xp.where(finite[:, None, None], norms[:, None, None] * E[..., 0], xp.nan)
 
 
-def _state_norms(y, tail):
-    """||V y|| without the ``tail`` rows (m, c, r) of the basis, from the coefficients alone
-    (the basis is orthonormal): y (c, J, m) -> (c, J)."""
-    xp = array_module(y)
-    total = xp.sum(y * y, axis=2)
-    if tail is not None and tail.shape[2]:
-        rows = xp.einsum("mcr,cjm->cjr", tail[: y.shape[2]], y)
-        total = total - xp.sum(rows * rows, axis=2)
-    return xp.sqrt(xp.maximum(total, 0.0))
 
-
-def span_error(diff, size):
-    """Relative error of a step over its span (c,) from the differences diff and state norms
-    size (c, J) at the times span_times x tau (largest first): the error at tau relative to
-    the state there, and at every earlier time relative to the largest state along the step
-    (the scale at which the step's time integral reads it; relative to each state itself, a
-    state that starts at 0 would demand a relative accuracy the integral does not need)."""
-    xp = array_module(diff)
-    scale = xp.max(size, axis=1)
-    scale = xp.where(scale > 0, scale, 1.0)
-    end = diff[:, 0] / xp.where(size[:, 0] > 0, size[:, 0], scale)
-    return xp.maximum(end, xp.max(diff, axis=1) / scale)
+def _underflow(array) -> float:
+    """Norms below this have lost digits to gradual underflow (finfo.tiny / eps)."""
+    info = np.finfo(array.dtype)
+    return float(info.tiny / info.eps)
