@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._array import array_module, basis_combine, to_numpy
-from ._chain import chain_links
 from .errors import AccuracyError
 from .expm import expm_batched
 from .krylov import Projection, arnoldi, combine, exp_and_error
@@ -417,8 +416,10 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
     Updates lam (c, n) in place for the interval's columns; returns the gradient part (n,).
     """
     if space is not None and time_integral == "vanloan":
-        return _chained_adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, symmetric,
-                                         max_substeps, extras, space)
+        from ._chain import adjoint_interval  # it builds on this module's helpers
+
+        return adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, symmetric,
+                                max_substeps, extras, space)
     xp = array_module(lam)
     grad = xp.zeros(n, dtype=lam.dtype)
     step_rtol = rtol
@@ -428,13 +429,9 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
         _check_work(acc.adjoint_steps, max_substeps, k, rtol, "adjoint")
         rows = xp.asarray(iv.columns[active])
         remaining = iv.tau[active] - elapsed[active]
-        start = lam[rows]
-        norms = xp.linalg.norm(start, axis=1)
-        accept = _Acceptor(norms, remaining, step_rtol, T, n, space)
-        adj = arnoldi(apply_T, start, k, symmetric=symmetric, accept=accept)
+        adj, accept = adjoint_space(apply_T, lam[rows], remaining, step_rtol, T, k, symmetric,
+                                    acc, space)
         sigma, z, est = _choose_steps(adj, accept, remaining, T, step_rtol, n)
-        acc.adjoint_steps += 1
-        acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
         reached = sigma >= remaining
         begin = np.where(reached, 0.0, remaining - sigma)  # forward-local start of the sub-step
         sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))
@@ -456,99 +453,15 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
     return grad
 
 
-def _chained_adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, symmetric,
-                              max_substeps, extras, space):
-    """``_adjoint_interval`` in a shift-and-invert space: each basis serves a chain of
-    sub-steps (``_chain``), a new one is built only where a chain stops short of the
-    interval's start. Only the Van Loan time integral (the trapezoid rule is a polynomial-path
-    comparison)."""
-    xp = array_module(lam)
-    grad = xp.zeros(n, dtype=lam.dtype)
-    step_rtol = rtol * space.adjoint_share
-    elapsed = np.zeros(iv.columns.size)  # adjoint time covered, from the interval's end
-    active = np.arange(iv.columns.size)
-    while active.size:
-        _check_work(acc.adjoint_steps, max_substeps, k, rtol, "adjoint")
-        rows = xp.asarray(iv.columns[active])
-        remaining = iv.tau[active] - elapsed[active]
-        norms = xp.linalg.norm(lam[rows], axis=1)
-        accept = _Acceptor(norms, remaining, step_rtol, T, n, space)
-        adj = arnoldi(apply_T, lam[rows], k, symmetric=symmetric, accept=accept)
-        acc.adjoint_steps += 1
-        acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
-        sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))
-        link = _LinkIntegral(adj, sub, space, remaining, iv.columns[active], n, acc, extras)
-        chain = chain_links(adj, space, remaining, T, step_rtol, link)
-        acc.adjoint[iv.columns[active]] += chain.error
-        link.add_integrals(acc, iv.columns[active])
-        grad += link.grad
-        lam[rows] = chain.lam
-        elapsed[active] += chain.covered
-        active = active[elapsed[active] < iv.tau[active] * (1 - 1e-12)]
-    return grad
-
-
-class _LinkIntegral:
-    """The Van Loan integral (and the extras) of each link of a chain in one adjoint space."""
-
-    def __init__(self, adj, fwd, space, remaining, columns, n, acc, extras):
-        """adj, fwd: the adjoint and forward Projections of the chain's columns (chunk indices
-        ``columns``); remaining (c,) host: adjoint time left in the forward interval."""
-        self.adj, self.fwd, self.remaining, self.columns = adj, fwd, remaining, columns
-        self.n, self.acc, self.extras = n, acc, extras
-        self.G, self.H = _operator(adj, space), _operator(fwd, space)
-        # the adjoint space two dimensions smaller: the lag-2 difference of each link's
-        # integral is the adjoint's truncation as the gradient integral weighs it (a
-        # shift-and-invert space is least accurate early in a step, which the estimate at the
-        # step's end does not see)
-        self.G_small = space.operator(adj.square, np.maximum(adj.dims - 2, 1))
-        self.grad = array_module(adj.norms).zeros(n, dtype=adj.norms.dtype)
-        c = adj.norms.shape[0]
-        self.diff, self.size = np.zeros(c), np.zeros(c)
-        self.exact = to_numpy(adj.next_subdiag == 0)
-        self.unknown = (adj.dims <= 2) & ~self.exact
-
-    def add_integrals(self, acc, columns):
-        """Add the chain's integral difference (0 for an invariant subspace, inf where no
-        smaller space exists) and size to ``acc.integral`` for the chunk's ``columns``."""
-        if acc.integral is None:
-            acc.integral = np.zeros((2, acc.adjoint.size))
-        diff = np.where(self.exact, 0.0, self.diff)
-        diff = np.where(self.unknown | ~np.isfinite(diff), np.inf, diff)
-        acc.integral[0, columns] += diff
-        acc.integral[1, columns] += self.size
-
-    def __call__(self, live, tau, done, start, start_small):
-        """Add the link of columns ``live`` (host indices into the chain's columns): steps tau
-        (host), adjoint time done before it (host), adjoint coefficients at its start (c_l, m)
-        in the space and in its chain two dimensions smaller."""
-        xp = array_module(start)
-        picked = xp.asarray(live)
-        adj, fwd = _rows_of(self.adj, picked), _rows_of(self.fwd, picked)
-        G, H = self.G[picked], self.H[picked]
-        begin = np.maximum(self.remaining[live] - done - tau, 0.0)  # forward-local start
-        y_start, y_norm = _forward_coefficients(H, fwd.norms, begin)
-        z_norm = xp.linalg.norm(start, axis=1)
-        z_start = start / xp.where(z_norm > 0, z_norm, 1.0)[:, None]
-        steps = xp.asarray(tau, dtype=start.dtype)
-        M = van_loan(G, H, steps, y_start, z_start) * (z_norm * y_norm)[:, None, None]
-        other = self._smaller(picked, steps, y_start, y_norm, start_small)
-        self.diff[live] += to_numpy(xp.linalg.norm(M - other, axis=(1, 2)))
-        self.size[live] += to_numpy(xp.linalg.norm(M, axis=(1, 2)))
-        WM = _products(adj.basis, M)
-        if self.extras is not None:  # reads W M before the diagonal reuses it in place
-            self.extras.substep(self.columns[live], adj, WM, fwd, tau, G, start)
-        self.grad += _diagonal_sum(WM, fwd.basis[:, :, : self.n])
-        self.acc.adjoint[self.columns[live]] += _van_loan_rounding(G, tau, H)
-
-    def _smaller(self, picked, steps, y_start, y_norm, start_small):
-        """The link's integral (norms applied) with the adjoint space two dimensions smaller,
-        from its own chain's start coefficients (c_l, m)."""
-        xp = array_module(steps)
-        size = xp.linalg.norm(start_small, axis=1)
-        unit = start_small / xp.where(size > 0, size, 1.0)[:, None]
-        M = van_loan(self.G_small[picked], self.H[picked], steps, y_start, unit)
-        return M * (size * y_norm)[:, None, None]
+def adjoint_space(apply_T, start, remaining, rtol, T, k, symmetric, acc, space):
+    """(the adjoint Projection from the rows ``start`` (c, n) for steps up to ``remaining``,
+    its _Acceptor), counted in ``acc``."""
+    norms = array_module(start).linalg.norm(start, axis=1)
+    accept = _Acceptor(norms, remaining, rtol, T, start.shape[1], space)
+    adj = arnoldi(apply_T, start, k, symmetric=symmetric, accept=accept)
+    acc.adjoint_steps += 1
+    acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))
+    return adj, accept
 
 
 def _van_loan_rounding(G, sigma, H):

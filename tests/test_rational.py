@@ -284,3 +284,40 @@ def test_the_integral_check_refuses_a_space_wrong_along_its_step(monkeypatch):
     prob, theta = stiff_problem(16, 1e4, S=4, dissipative=True)
     with pytest.raises(dd.AccuracyError, match="exceeds rtol"):
         dd.loss_and_grad(prob, theta, k=60, rtol=1e-8, method="rational")
+
+
+def test_a_column_accepted_early_keeps_its_own_subdiagonal():
+    """A projection records each column's own h_{d+1,d}: a column accepted below the chunk's
+    largest dimension is not an invariant subspace (it used to read as one, h = 0, which
+    certified any later estimate of it as exact)."""
+    from diagode_dist.krylov import arnoldi
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((40, 40))
+    start = rng.standard_normal((2, 40))
+    apply = lambda rows: rows @ A.T  # noqa: E731
+    both = arnoldi(apply, start, 12, accept=lambda h, basis, rows: np.asarray(rows) == 0,
+                   check_every=4)
+    alone = arnoldi(apply, start[:1], 4)
+    assert list(both.dims) == [4, 12]
+    assert both.next_subdiag[0] == pytest.approx(alone.next_subdiag[0], rel=1e-12)
+    assert both.next_subdiag[0] > 0
+
+
+def test_van_loan_with_a_general_adjoint_start():
+    """int_0^tau exp((tau - s) G) z (exp(s H) y)^T ds against Simpson's rule."""
+    from scipy.integrate import simpson
+    from scipy.linalg import expm
+
+    from diagode_dist.time_integral import van_loan
+
+    rng = np.random.default_rng(1)
+    G, H = rng.standard_normal((1, 5, 5)), rng.standard_normal((1, 4, 4))
+    y, z = rng.standard_normal((1, 4)), rng.standard_normal((1, 5))
+    tau = 0.7
+    s = np.linspace(0.0, tau, 2001)
+    integrand = np.stack([np.outer(expm((tau - t) * G[0]) @ z[0], expm(t * H[0]) @ y[0])
+                          for t in s])
+    expected = simpson(integrand, x=s, axis=0)
+    got = van_loan(G, H, np.array([tau]), y, z)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
