@@ -61,7 +61,6 @@ class ChainResult:
     covered: np.ndarray  # adjoint time covered from the space's start
     lam: object  # (c, n) adjoint at the end of the chain
     error: np.ndarray  # relative error estimate: largest truncation + summed rounding
-    links: int
 
 
 def adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, symmetric, max_substeps,
@@ -84,7 +83,7 @@ def adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, symmetric, max_s
         sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))
         link = _LinkIntegral(adj, sub, space, remaining, iv.columns[active], n, acc, extras)
         allowance = rtol - acc.adjoint[iv.columns[active]]
-        chain = chain_links(adj, space, remaining, T, step_rtol, link, allowance)
+        chain = chain_links(adj, link.lagged, space, remaining, T, step_rtol, link, allowance)
         acc.adjoint[iv.columns[active]] += chain.error
         link.add_integrals(acc, iv.columns[active])
         _refuse_early(acc.adjoint[iv.columns[active]], rtol, k)
@@ -95,6 +94,18 @@ def adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, symmetric, max_s
     return grad
 
 
+class _Lagged:
+    """A shift-and-invert adjoint projection's operator, the operator of its space two
+    dimensions smaller, and per column (host (c,)) whether the space is invariant (exact) or
+    too small to compare with a smaller one (unknown)."""
+
+    def __init__(self, adj, space):
+        self.operator = space.operator(adj.square, adj.dims)
+        self.smaller = space.operator(adj.square, np.maximum(adj.dims - _LAG, 1))
+        self.exact = to_numpy(adj.next_subdiag == 0)  # an invariant subspace: no error
+        self.unknown = (adj.dims <= _LAG) & ~self.exact
+
+
 class _LinkIntegral:
     """The Van Loan integral (and the extras) of each link of a chain in one adjoint space."""
 
@@ -103,25 +114,24 @@ class _LinkIntegral:
         ``columns``); remaining (c,) host: adjoint time left in the forward interval."""
         self.adj, self.fwd, self.remaining, self.columns = adj, fwd, remaining, columns
         self.n, self.acc, self.extras = n, acc, extras
-        self.G, self.H = _operator(adj, space), _operator(fwd, space)
+        self.H = _operator(fwd, space)
         # the adjoint space two dimensions smaller: the lag-2 difference of each link's
         # integral is the adjoint's truncation as the gradient integral weighs it (a
         # shift-and-invert space is least accurate early in a step, which the estimate at the
-        # step's end does not see)
-        self.G_small = space.operator(adj.square, np.maximum(adj.dims - 2, 1))
+        # step's end does not see); the chain's steps read the same operators
+        self.lagged = _Lagged(adj, space)
+        self.G, self.G_small = self.lagged.operator, self.lagged.smaller
         self.grad = array_module(adj.norms).zeros(n, dtype=adj.norms.dtype)
         c = adj.norms.shape[0]
         self.diff, self.size = np.zeros(c), np.zeros(c)
-        self.exact = to_numpy(adj.next_subdiag == 0)
-        self.unknown = (adj.dims <= 2) & ~self.exact
 
     def add_integrals(self, acc, columns):
         """Add the chain's integral difference (0 for an invariant subspace, inf where no
         smaller space exists) and size to ``acc.integral`` for the chunk's ``columns``."""
         if acc.integral is None:
             acc.integral = np.zeros((2, acc.adjoint.size))
-        diff = np.where(self.exact, 0.0, self.diff)
-        diff = np.where(self.unknown | ~np.isfinite(diff), np.inf, diff)
+        diff = np.where(self.lagged.exact, 0.0, self.diff)
+        diff = np.where(self.lagged.unknown | ~np.isfinite(diff), np.inf, diff)
         acc.integral[0, columns] += diff
         acc.integral[1, columns] += self.size
 
@@ -161,10 +171,11 @@ class _LinkIntegral:
         return M * (size * y_norm)[:, None, None]
 
 
-def chain_links(adj, space, remaining, T, rtol, on_link, allowance=None):
+def chain_links(adj, lagged, space, remaining, T, rtol, on_link, allowance=None):
     """March each column's adjoint inside the projection ``adj`` for up to ``remaining``.
 
-    adj : adjoint Projection (from lambda at the chain's start); space : ShiftInvertSpace;
+    adj : adjoint Projection (from lambda at the chain's start); lagged : its ``_Lagged``;
+    space : ShiftInvertSpace;
     remaining (c,) host: time left in the forward interval; rtol: the adjoint's share.
     on_link(live, tau, done, start, start_small) is called per link with the live column
     indices (host), the link steps tau (c_l,) host, the time already covered before the link
@@ -177,16 +188,13 @@ def chain_links(adj, space, remaining, T, rtol, on_link, allowance=None):
     xp = array_module(adj.norms)
     c, m = adj.norms.shape[0], adj.square.shape[-1]
     eps = float(np.finfo(adj.norms.dtype).eps)
-    G = space.operator(adj.square, adj.dims)
-    G_small = space.operator(adj.square, np.maximum(adj.dims - _LAG, 1))
-    exact = to_numpy(adj.next_subdiag == 0)  # an invariant subspace (breakdown): no error
-    unknown = (adj.dims <= _LAG) & ~exact  # no smaller space to compare with
+    G, G_small, exact, unknown = lagged.operator, lagged.smaller, lagged.exact, lagged.unknown
     coef = xp.zeros((c, m), dtype=adj.norms.dtype)
     coef[:, 0] = adj.norms
     coef_small = coef.copy()
     covered, error = np.zeros(c), np.zeros(c)
     truncation = np.zeros(c)
-    live, links = np.arange(c), 0
+    live = np.arange(c)
     while live.size:
         rows = xp.asarray(live)
         rest = remaining[live] - covered[live]
@@ -210,12 +218,11 @@ def chain_links(adj, space, remaining, T, rtol, on_link, allowance=None):
         covered[moving] += tau
         error[moving] += pick.floor[go]
         truncation[moving] = np.maximum(truncation[moving], pick.trunc[go])
-        links += 1
         if allowance is not None:
             _refuse_early(error[moving] + truncation[moving] - allowance[moving], 0.0, None)
         live = moving[covered[moving] < remaining[moving] * (1 - 1e-12)]
     lam = combine(adj.basis, coef)
-    return ChainResult(covered, lam, error + truncation, links)
+    return ChainResult(covered, lam, error + truncation)
 
 
 @dataclass

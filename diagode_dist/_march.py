@@ -422,16 +422,15 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
                                 max_substeps, extras, space)
     xp = array_module(lam)
     grad = xp.zeros(n, dtype=lam.dtype)
-    step_rtol = rtol
     elapsed = np.zeros(iv.columns.size)  # adjoint time covered, from the interval's end
     active = np.arange(iv.columns.size)
     while active.size:
         _check_work(acc.adjoint_steps, max_substeps, k, rtol, "adjoint")
         rows = xp.asarray(iv.columns[active])
         remaining = iv.tau[active] - elapsed[active]
-        adj, accept = adjoint_space(apply_T, lam[rows], remaining, step_rtol, T, k, symmetric,
-                                    acc, space)
-        sigma, z, est = _choose_steps(adj, accept, remaining, T, step_rtol, n)
+        adj, accept = adjoint_space(apply_T, lam[rows], remaining, rtol, T, k, symmetric, acc,
+                                    space)
+        sigma, z, est = _choose_steps(adj, accept, remaining, T, rtol, n)
         reached = sigma >= remaining
         begin = np.where(reached, 0.0, remaining - sigma)  # forward-local start of the sub-step
         sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))

@@ -311,9 +311,9 @@ class ShiftInvertSpace:
         xp = array_module(square)
         c, m, _ = square.shape
         dims = np.full(c, m) if dims is None else np.asarray(dims)
-        y = self._coefficients(square, dims, norms, tau[:, None])[:, 0]
+        y = self._coefficients(square, dims, norms, tau)
         smaller = dims - _LAG
-        y_small = self._coefficients(square, np.maximum(smaller, 1), norms, tau[:, None])[:, 0]
+        y_small = self._coefficients(square, np.maximum(smaller, 1), norms, tau)
         with np.errstate(over="ignore", invalid="ignore"):
             err = xp.linalg.norm(y - y_small, axis=1)
         lost = (xp.linalg.norm(y, axis=1) < _underflow(y)) & (norms > 0)
@@ -322,15 +322,14 @@ class ShiftInvertSpace:
         err = xp.where(next_subdiag == 0, 0.0, err)
         return y, err
 
-    def _coefficients(self, square, dims, norms, times):
-        """beta exp(t A_dims) e1 per column and time, zero beyond its dimension (c, J, m)."""
+    def _coefficients(self, square, dims, norms, tau):
+        """beta exp(tau A_dims) e1 per column, zero beyond its dimension (c, m)."""
         xp = array_module(square)
         A = self.operator(square, dims)
         finite = xp.isfinite(A).all(axis=(1, 2))
         A = xp.where(finite[:, None, None], A, 0.0)
-        E = expm_batched(times[:, :, None, None] * A[:, None])
-        return xp.where(finite[:, None, None], norms[:, None, None] * E[..., 0], xp.nan)
-
+        E = expm_batched(tau[:, None, None] * A)
+        return xp.where(finite[:, None], norms[:, None] * E[:, :, 0], xp.nan)
 
 
 def _underflow(array) -> float:
