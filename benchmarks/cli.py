@@ -86,7 +86,7 @@ def _stiff(args: argparse.Namespace) -> str:
     options.peers = not args.no_peers
     options.dissipative = args.stiff_dissipative
     options.threads = args.threads
-    for name in ("grid", "sizes", "budget", "mem_gib"):
+    for name in ("grid", "sizes", "budget", "mem_gib", "tables"):
         value = getattr(args, f"stiff_{name}")
         if value is not None:
             setattr(options, name, value)
@@ -164,6 +164,17 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _stiff_table_names(text: str) -> tuple[str, ...]:
+    """"accuracy,flatness" -> the names, each one of STIFF_TABLES."""
+    from .stiff import STIFF_TABLES
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names or any(name not in STIFF_TABLES for name in names):
+        raise argparse.ArgumentTypeError(
+            f"--stiff-tables: expected names among {', '.join(STIFF_TABLES)}, got {text!r}")
+    return names
+
+
 def _square_sizes(text: str) -> tuple[int, ...]:
     """n values of 2-D grids ("4096,16384") -> their sides m (n = m^2)."""
     try:
@@ -191,6 +202,10 @@ def _stiff_options(parser: argparse.ArgumentParser) -> None:
                        "before it is stopped (default 300; 60 with --quick)")
     group.add_argument("--stiff-mem-gib", type=_positive(float), default=None,
                        help="address-space cap of each method's process, GiB (default 12)")
+    group.add_argument("--stiff-tables", type=_stiff_table_names, default=None,
+                       help="which tables: accuracy (ours, the polynomial path and the peers "
+                       "against the reference), flatness (time against ||TA||), scaling (time "
+                       "and memory against n); comma-separated, default all")
     group.add_argument("--stiff-dissipative", action="store_true",
                        help="also the dissipative variant (u in [0, 1], every eigenvalue < 0)")
 

@@ -118,6 +118,10 @@ def reference_loss_and_slope(prob, theta, direction, step: float = 1e-30):
     return float(value.real), float(value.imag / step)
 
 
+STIFF_TABLES = ("accuracy", "flatness", "scaling")
+"""The stiff section's tables (``StiffOptions.tables``)."""
+
+
 @dataclass
 class StiffOptions:
     """What the stiff section measures.
@@ -127,7 +131,8 @@ class StiffOptions:
     set-up); mem_gib: address-space cap of each method's process; peers: run the peers;
     polynomial_rtols: rtols of the polynomial baseline; dissipative: add the dissipative
     variant's rows; k_rational / k_tight: our rational Krylov dimension limit at rtol >= 1e-8 /
-    below; k_polynomial: the polynomial one; threads: threads per method.
+    below; k_polynomial: the polynomial one; threads: threads per method; tables: which of
+    STIFF_TABLES to measure.
     """
 
     grid: int = 128
@@ -145,6 +150,7 @@ class StiffOptions:
     threads: int = 2
     S: int = 64
     stiffness: float = 5000.0
+    tables: Sequence[str] = ("accuracy", "flatness", "scaling")
 
     @classmethod
     def quick(cls) -> StiffOptions:
@@ -285,7 +291,7 @@ def stiff_tables(options: StiffOptions | None = None, markdown: bool = False,
     n = o.grid * o.grid
     parts = []
     variants = (False, True) if o.dissipative else (False,)
-    for dissipative in variants:
+    for dissipative in variants if "accuracy" in o.tables else ():
         rows, reach = accuracy_rows(o, dissipative, log)
         kind = "dissipative, u in [0, 1]" if dissipative else "u in [-1, 1]"
         parts += [heading(f"2-D diffusion n = {n}, S = {o.S}, ||TA|| ~ {o.stiffness:g} "
@@ -293,16 +299,17 @@ def stiff_tables(options: StiffOptions | None = None, markdown: bool = False,
                   render_table(["method", "rtol", "s", "loss err", "slope err",
                                 "peak RSS MiB (+call)", "time / ours", "note"], rows, markdown),
                   ""]
-    for dissipative in variants:
+    for dissipative in variants if "flatness" in o.tables else ():
         kind = "dissipative" if dissipative else "u in [-1, 1]"
         parts += [heading(f"rational: time against ||TA|| (n = {n}, {kind}, "
                           f"rtol {o.rtols[0]:g}, k = {o.k_rational})", markdown),
                   render_table(["||TA||", "T lambda_max", "s", "dims f/a", "sub-steps",
                                 "estimate", "peak RSS MiB (+call)"],
                                flatness_rows(o, dissipative, log), markdown), ""]
-    parts += [heading(f"rational: time and memory against n (||TA|| ~ {o.stiffness:g}, "
-                      f"rtol {o.rtols[0]:g}, k = {o.k_rational})", markdown),
-              render_table(["n", "s", "us / n", "factor s", "solve S cols s", "(L+U) / n",
-                            "L+U MiB", "peak RSS MiB (+call)", "note"],
-                           scaling_rows(o, log), markdown)]
+    if "scaling" in o.tables:
+        parts += [heading(f"rational: time and memory against n (||TA|| ~ {o.stiffness:g}, "
+                          f"rtol {o.rtols[0]:g}, k = {o.k_rational})", markdown),
+                  render_table(["n", "s", "us / n", "factor s", "solve S cols s",
+                                "(L+U) / n", "L+U MiB", "peak RSS MiB (+call)", "note"],
+                               scaling_rows(o, log), markdown)]
     return "\n".join(parts)

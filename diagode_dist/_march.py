@@ -51,6 +51,10 @@ class Interval:
     stop: np.ndarray  # (c_q,) index of the observation reached at t_{q+1}, or -1
     symmetric: bool = False  # built with Lanczos
     coupling: object = None  # (c_q,) 1 / eta, the balancing of the augmented coordinate
+    reach: np.ndarray | None = None  # (c_q, 2) host bounds of ||x(t)|| along the sub-step
+    # when ||exp(t A)|| <= 1: ||x(t_q)|| + tau ||f||, and for a symmetric A
+    # (||x(t_q)||^2 + ||x(t_q+1)||^2)^(1/2) (each eigencomponent is monotone in t)
+    begin: np.ndarray | None = None  # (c_q,) host t_q
 
 
 @dataclass
@@ -66,6 +70,12 @@ class Accuracy:
     integral: np.ndarray | None = None
     """(2, c) on the shift-and-invert path: the lag-2 difference of the adjoint's time
     integrals and their size, summed over the march (``_LinkIntegral``)."""
+    reach: np.ndarray | None = None
+    """(c,) where the shift-and-invert adjoint is certified by the integrals it feeds
+    (``_chain``): a bound of ||x(t)|| over the march, so that an adjoint error of norm r at
+    time t changes the integrals still to come by at most r x reach x t."""
+    reference: np.ndarray | None = None
+    """(c,) with reach: the largest adjoint norm of the march so far (``_chain``)."""
 
 
 class _Acceptor:
@@ -75,10 +85,12 @@ class _Acceptor:
     starts from the values at each column's final dimension instead of recomputing them.
     """
 
-    def __init__(self, norms, tau, rtol, T, n_rows, space=None):
-        """norms (c,) device; tau (c,) host steps; rtol, T floats; space: see march_forward."""
+    def __init__(self, norms, tau, rtol, T, n_rows, space=None, reference=None):
+        """norms (c,) device; tau (c,) host steps; rtol, T floats; space: see march_forward;
+        reference: None, or (c,) device norms the estimates are relative to where the state
+        is smaller."""
         self.norms, self.tau_host, self.rtol, self.T = norms, tau, rtol, T
-        self.n_rows, self.space = n_rows, space
+        self.n_rows, self.space, self.reference = n_rows, space, reference
         self.tau = array_module(norms).asarray(tau, dtype=norms.dtype)  # float32 stays float32
         self.checks = {}  # dimension m -> (y (c, m), Estimate)
 
@@ -88,13 +100,16 @@ class _Acceptor:
         c = self.tau_host.size
         if rows is None or rows.size == c:
             y, est = _estimate(hessenberg[:, :-1, :], hessenberg[:, -1, -1], self.norms,
-                               self.tau, basis, self.n_rows, self.space)
+                               self.tau, basis, self.n_rows, self.space,
+                               reference=self.reference)
         else:
             xp = array_module(self.norms)
             sub = xp.asarray(rows)
             y_rows, est_rows = _estimate(hessenberg[sub, :-1, :], hessenberg[sub, -1, -1],
                                          self.norms[sub], self.tau[sub], basis[:, sub],
-                                         self.n_rows, self.space)
+                                         self.n_rows, self.space,
+                                         reference=None if self.reference is None
+                                         else self.reference[sub])
             y = xp.zeros((c, basis.shape[0]), dtype=y_rows.dtype)
             y[sub] = y_rows
             est = Estimate(np.full(c, np.nan), np.full(c, np.nan), est_rows.eps)
@@ -131,8 +146,10 @@ class _Acceptor:
                 est.put(rows, est_dim.take(rows))
         missing = np.nonzero(np.isnan(est.truncation))[0]
         if missing.size:
-            y_new, est_new = _relative_error(_rows_of(proj, xp.asarray(missing)),
-                                             self.tau_host[missing], self.n_rows, self.space)
+            y_new, est_new = _relative_error(
+                _rows_of(proj, xp.asarray(missing)), self.tau_host[missing], self.n_rows,
+                self.space, None if self.reference is None
+                else self.reference[xp.asarray(missing)])
             y[xp.asarray(missing)] = y_new
             est.put(missing, est_new)
         return y, est
@@ -172,13 +189,17 @@ class Estimate:
         self.rounding[rows] = other.rounding
 
 
-def _estimate(square, next_subdiag, norms, tau, basis, n_rows, space=None, dims=None):
-    """y = beta exp(tau H) e1 (c, m) and the relative Estimate of x(tau) = V[:n_rows] y."""
+def _estimate(square, next_subdiag, norms, tau, basis, n_rows, space=None, dims=None,
+              reference=None):
+    """y = beta exp(tau H) e1 (c, m) and the relative Estimate of x(tau) = V[:n_rows] y
+    (relative to max(||x(tau)||, reference) with a reference (c,))."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # refused below
-        return _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, dims)
+        return _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, dims,
+                                   reference)
 
 
-def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, dims):
+def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, dims,
+                        reference):
     xp = array_module(norms)
     if space is None:
         y, err = exp_and_error(square, next_subdiag, norms, tau, dims)
@@ -189,6 +210,8 @@ def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, 
     floor = _ROUNDING * eps * (norms + xp.abs(y).sum(axis=1))
     # A state that underflows to zero (strong decay, float32) is measured against the start.
     size = xp.where(size > 0, size, norms)
+    if reference is not None:
+        size = xp.maximum(size, reference)
     finite = xp.isfinite(y).all(axis=1) & xp.isfinite(size) & xp.isfinite(err)
     growth_limit, safety = ((_GROWTH_LIMIT, _SAFETY) if space is None
                             else (space.growth_limit, space.safety))
@@ -204,12 +227,12 @@ def _eps(array) -> float:
     return float(np.finfo(array.dtype).eps)
 
 
-def _relative_error(proj, tau, n_rows, space=None):
+def _relative_error(proj, tau, n_rows, space=None, reference=None):
     """y and the relative Estimate per column at (host) steps tau."""
     xp = array_module(proj.norms)
     return _estimate(proj.square, proj.next_subdiag, proj.norms,
                      xp.asarray(tau, dtype=proj.norms.dtype), proj.basis, n_rows, space,
-                     proj.dims)
+                     proj.dims, reference)
 
 
 def _operator(proj, space):
@@ -278,6 +301,7 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
     while active.size:
         _check_work(len(intervals), max_substeps, k, rtol, "forward", t[active].min() / T)
         remaining = obs[next_obs[active]] - t[active]
+        begin = t[active].copy()
         start, coupling = _balanced_start(u, active, remaining, forcing_norms, a_norm)
         norms = xp.linalg.norm(start, axis=1)
         accept = _Acceptor(norms, remaining, rtol, T, N - 1, space)
@@ -302,13 +326,22 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
         keep = kept + projection_bytes(proj) <= keep_bytes
         if keep:
             kept += projection_bytes(proj)
+        reach = _reach_bounds(start[:, : N - 1], x_new, forcing_norms[active] * tau)
         intervals.append(Interval(active, tau, start, _owned(proj) if keep else None,
-                                  proj.dims, stop, lanczos, coupling))
+                                  proj.dims, stop, lanczos, coupling, reach, begin))
         acc.forward[active] += est.total
         acc.forward_dim = max(acc.forward_dim, int(proj.dims.max()))
         active = active[next_obs[active] < obs.size]
     acc.steps = len(intervals)
     return states, intervals, acc
+
+
+def _reach_bounds(x_start, x_end, forcing_steps):
+    """``Interval.reach`` (c, 2) host from the states at a sub-step's ends (c, n) and
+    tau ||f|| (c,) host."""
+    xp = array_module(x_start)
+    start, end = (to_numpy(xp.linalg.norm(x, axis=1)).astype(float) for x in (x_start, x_end))
+    return np.stack([start + forcing_steps, np.hypot(start, end)], axis=1)
 
 
 def projection_bytes(proj) -> int:
@@ -374,19 +407,22 @@ def _check_work(steps, max_substeps, k, rtol, what, progress=None):
 
 def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
                   time_integral="vanloan", quad_points=32, symmetric=False,
-                  max_substeps=MAX_SUBSTEPS, extras=None, space=None):
+                  max_substeps=MAX_SUBSTEPS, extras=None, space=None, by_integrals=True):
     """March the adjoint back across the intervals and sum the exact sub-step integrals.
 
     jumps : (m_obs, c, n) dL/dx at the observation times; apply_T: (c_q, n) -> (c_q, n), A^T on
     rows (or its shift-and-invert counterpart with ``space``, as in march_forward).
     Returns dL/dd (n,), summed over the chunk's columns in a fixed order.
     extras : optional ``pattern.AdjointExtras``, given every sub-step and lambda(0).
+    by_integrals : where ``_reach`` allows, certify the adjoint by the integrals it feeds
+    (``_chain``) instead of relative to itself.
     """
     xp = array_module(jumps)
     lam = xp.zeros((jumps.shape[1], n), dtype=jumps.dtype)
     grad = xp.zeros(n, dtype=jumps.dtype)
     if extras is not None:
         extras.start(jumps.shape[1], xp, jumps.dtype)
+    acc.reach = _reach(intervals, jumps.shape[1], space, extras) if by_integrals else None
     for iv in reversed(intervals):
         hit = iv.stop >= 0
         if hit.any():
@@ -407,6 +443,32 @@ def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
     if extras is not None:
         extras.finish(lam)
     return grad
+
+
+def certified_by_integrals(space, extras) -> bool:
+    """Whether the adjoint march may be certified by the integrals it feeds (``_reach``)."""
+    if not getattr(space, "contractive", False):
+        return False
+    return extras is None or not (extras.needs_initial or extras.integral)
+
+
+def _reach(intervals, c, space, extras):
+    """``Accuracy.reach`` (c,) host, or None where the adjoint must be right relative to
+    itself all the way to t = 0.
+
+    Only where ||exp(t A^T)||_2 <= 1 is proven (``space.contractive``), so that an adjoint
+    error keeps its norm bound all the way back, and only the diagonal and pattern gradients
+    are asked for: they read lambda(t) x(t)^T, which that bound times the bound of ||x(t)||
+    (``Interval.reach``) bounds; lambda(0) (dL/dx0) and its integral alone (dL/dF) have no x
+    to weigh them.
+    """
+    if not certified_by_integrals(space, extras):
+        return None
+    reach = np.zeros(c)
+    bound = 1 if space.symmetric else 0
+    for iv in intervals:
+        np.maximum.at(reach, iv.columns, iv.reach[:, bound])
+    return reach
 
 
 def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, quad_points,
@@ -452,11 +514,13 @@ def _adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, time_integral, 
     return grad
 
 
-def adjoint_space(apply_T, start, remaining, rtol, T, k, symmetric, acc, space):
+def adjoint_space(apply_T, start, remaining, rtol, T, k, symmetric, acc, space,
+                  accept=None):
     """(the adjoint Projection from the rows ``start`` (c, n) for steps up to ``remaining``,
-    its _Acceptor), counted in ``acc``."""
+    its _Acceptor), counted in ``acc``; ``accept`` replaces the default _Acceptor."""
     norms = array_module(start).linalg.norm(start, axis=1)
-    accept = _Acceptor(norms, remaining, rtol, T, start.shape[1], space)
+    if accept is None:
+        accept = _Acceptor(norms, remaining, rtol, T, start.shape[1], space)
     adj = arnoldi(apply_T, start, k, symmetric=symmetric, accept=accept)
     acc.adjoint_steps += 1
     acc.adjoint_dim = max(acc.adjoint_dim, int(adj.dims.max()))

@@ -25,7 +25,13 @@ from threadpoolctl import ThreadpoolController
 
 from ._array import array_module, is_sparse, row_product, to_module, to_numpy
 from ._checks import check_int
-from ._march import MAX_SUBSTEPS, Accuracy, march_adjoint, march_forward
+from ._march import (
+    MAX_SUBSTEPS,
+    Accuracy,
+    certified_by_integrals,
+    march_adjoint,
+    march_forward,
+)
 from .errors import AccuracyError
 from .param import OperatorTerms, SoftplusParam, as_operator_param
 from .pattern import AdjointExtras
@@ -36,6 +42,7 @@ from .rational import (
     ShiftInvertSpace,
     check_method,
     choose_method,
+    is_contractive,
     rightmost_estimate,
     shift_for,
     shift_invert_operators,
@@ -148,7 +155,7 @@ def _loss_grad_parts(prob, theta, param, columns, k, rtol, max_chunk_columns, ti
 
     def run_chunks(rational, substeps):
         def run(part):
-            extras = AdjointExtras(param.pattern, "F" in names, prob.n)
+            extras = AdjointExtras(param.pattern, "F" in names, prob.n, "x0" in names)
             return _chunk_loss_grad(op_prob, d, part, k, rtol, time_integral, quad_points,
                                     a_norm, substeps, extras, rational)
 
@@ -287,7 +294,7 @@ def _adjoint_sums(fwd: ForwardPass, upstream, names):
 
     def one(chunk):
         jumps = upstream[:, :, xp.asarray(chunk.columns)].transpose(0, 2, 1)  # (m, c, n)
-        extras = AdjointExtras(fwd.param.pattern, "F" in names, prob.n)
+        extras = AdjointExtras(fwd.param.pattern, "F" in names, prob.n, "x0" in names)
         grad_d, acc = _chunk_adjoint(chunk, jumps, fwd.k, fwd.rtol, "vanloan", 2,
                                      fwd.max_substeps, extras)
         return 0.0, grad_d, acc, extras
@@ -393,7 +400,9 @@ def _shift_invert(prob, d):
     """(factorization of I - gamma (A - mu I), its space) for the rational method."""
     gamma = shift_for(prob.loss.obs_times)
     shift = rightmost_estimate(prob.A0, d, gamma)
-    return ShiftInvert(prob.A0, d, gamma, shift), ShiftInvertSpace(gamma, shift, prob.dtype)
+    space = ShiftInvertSpace(gamma, shift, prob.dtype, is_contractive(prob.A0, d),
+                             prob.symmetric)
+    return ShiftInvert(prob.A0, d, gamma, shift), space
 
 
 def check_inputs(prob, theta, param=None, k=30, rtol=DEFAULT_RTOL, max_chunk_columns=None,
@@ -464,12 +473,26 @@ def _chunk_adjoint(fwd: _ChunkForward, jumps, k, rtol, time_integral, quad_point
     """(dL/dd sum (n,), Accuracy) of the adjoint march with ``jumps`` (m, c, n) = dL/dx(t_i)
     across a forward march's intervals; ``extras`` is filled. The forward record is left as it
     is (a second adjoint pass over the same forward march starts afresh)."""
-    acc = replace(fwd.acc, adjoint=np.zeros_like(fwd.acc.adjoint), adjoint_dim=0, integral=None,
-                  adjoint_steps=0)
-    grad_d = march_adjoint(fwd.make_apply, fwd.apply_T, fwd.intervals, jumps, jumps.shape[2],
-                           fwd.horizon, k, rtol, acc, time_integral, quad_points, fwd.symmetric,
-                           max_substeps, extras, fwd.space)
-    return grad_d, acc
+    def march(by_integrals):
+        acc = replace(fwd.acc, adjoint=np.zeros_like(fwd.acc.adjoint), adjoint_dim=0,
+                      integral=None, adjoint_steps=0, reach=None, reference=None)
+        grad_d = march_adjoint(fwd.make_apply, fwd.apply_T, fwd.intervals, jumps,
+                               jumps.shape[2], fwd.horizon, k, rtol, acc, time_integral,
+                               quad_points, fwd.symmetric, max_substeps, extras, fwd.space,
+                               by_integrals)
+        return grad_d, acc
+
+    # A contractive operator's adjoint is first certified by the integrals it feeds (fast
+    # under strong decay, but its bounds can be too loose for a tight rtol); where that
+    # refuses, it is followed relative to itself, as everywhere else.
+    if not certified_by_integrals(fwd.space, extras):
+        return march(False)
+    try:
+        grad_d, acc = march(True)
+    except AccuracyError:
+        return march(False)
+    estimate = _estimate_of(np.concatenate([acc.forward, acc.adjoint]), fwd.states.dtype)
+    return (grad_d, acc) if _certified(estimate, rtol) else march(False)
 
 
 def chunk_operators(prob, d, cols):

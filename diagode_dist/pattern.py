@@ -165,8 +165,12 @@ class AdjointExtras:
     The final adjoint lambda_j(0) = dL/dx0_j is kept as ``initial`` (c, n).
     """
 
-    def __init__(self, pattern: Pattern | None, integral: bool, n: int):
+    def __init__(self, pattern: Pattern | None, integral: bool, n: int,
+                 needs_initial: bool = True):
+        """needs_initial: lambda(0) is asked for (dL/dx0), so the adjoint must be right
+        relative to itself all the way to t = 0, however much it decays."""
         self.pattern, self.integral, self.n = pattern, integral, n
+        self.needs_initial = needs_initial
         self.weights = self.forcing = self.initial = None
 
     def substep(self, columns, adj, WM, fwd, sigma, operator=None, start=None):
@@ -206,6 +210,8 @@ class AdjointExtras:
         self.forcing[rows] += part
 
     def start(self, c, xp, dtype):
+        """Start afresh (a second adjoint pass over the same forward march)."""
+        self.weights = self.forcing = self.initial = None
         if self.integral:
             self.forcing = xp.zeros((c, self.n), dtype=dtype)
 

@@ -126,6 +126,12 @@ def _abscissa_bound(A) -> float:
     return float(np.max(diag + radius))
 
 
+def is_contractive(A0, d) -> bool:
+    """Whether A = A0 + diag(d) provably satisfies ||exp(t A)||_2 <= 1 for t >= 0 (and so does
+    A^T): its field of values lies in the closed left half-plane (Gershgorin bound)."""
+    return not _abscissa_bound(_host_operator(A0, d)) > 0.0
+
+
 def rightmost_estimate(A0, d, gamma: float) -> float:
     """mu >= 0 for the pole 1/gamma + mu: 0 when A = A0 + diag(d) is provably dissipative,
     else the largest real part among the Ritz values of a short shift-and-invert Arnoldi run
@@ -249,9 +255,12 @@ class ShiftInvertSpace:
     rounding of the step's Van Loan integral, 0.1 eps sigma ||A_m||_1, which for one step over
     a whole interval grows with ||TA|| (the polynomial path's sub-steps keep it near k eps)."""
 
-    def __init__(self, gamma: float, shift: float = 0.0, dtype=np.float64):
-        """gamma, shift: the pole is 1/gamma + shift; dtype: the working precision."""
+    def __init__(self, gamma: float, shift: float = 0.0, dtype=np.float64,
+                 contractive: bool = False, symmetric: bool = False):
+        """gamma, shift: the pole is 1/gamma + shift; dtype: the working precision;
+        contractive: ||exp(t A^T)||_2 <= 1 is proven (``is_contractive``); symmetric: A is."""
         self.gamma, self.shift = float(gamma), float(shift)
+        self.contractive, self.symmetric = bool(contractive), bool(symmetric)
         # The march multiplies the limit by the start norms in the working precision: 1e60
         # is inf in float32, and inf x a zero norm (an underflowed start) NaN, which refuses
         # every step. sqrt(max) (1.8e19 in float32) stays finite and still exceeds what a

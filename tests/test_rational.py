@@ -275,7 +275,8 @@ def test_rational_gradient_on_a_dissipative_grid_matches_the_exact_reference():
 
 def test_the_integral_check_refuses_a_space_wrong_along_its_step(monkeypatch):
     """Without the underflow rule the dissipative grid's adjoint space is accepted at
-    dimension 4 again; the integrals' lag-2 difference (5e-3) then refuses the answer."""
+    dimension 4 again where the adjoint is followed relative to itself (dL/dx0 asked for);
+    the integrals' lag-2 difference (5e-3) then refuses the answer."""
     from benchmarks.stiff import stiff_problem
     from diagode_dist import _chain, rational
 
@@ -283,7 +284,7 @@ def test_the_integral_check_refuses_a_space_wrong_along_its_step(monkeypatch):
         monkeypatch.setattr(module, "_underflow", lambda array: 0.0)
     prob, theta = stiff_problem(16, 1e4, S=4, dissipative=True)
     with pytest.raises(dd.AccuracyError, match="exceeds rtol"):
-        dd.loss_and_grad(prob, theta, k=60, rtol=1e-8, method="rational")
+        dd.loss_and_grad(prob, theta, k=60, rtol=1e-8, method="rational", wrt=("theta", "x0"))
 
 
 def test_a_column_accepted_early_keeps_its_own_subdiagonal():
