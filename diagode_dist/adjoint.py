@@ -491,7 +491,7 @@ def _chunk_adjoint(fwd: _ChunkForward, jumps, k, rtol, time_integral, quad_point
         grad_d, acc = march(True)
     except AccuracyError:
         return march(False)
-    estimate = _estimate_of(np.concatenate([acc.forward, acc.adjoint]), fwd.states.dtype)
+    estimate = _estimate_of(np.concatenate([acc.forward, acc.adjoint]), jumps.dtype)
     return (grad_d, acc) if _certified(estimate, rtol) else march(False)
 
 
