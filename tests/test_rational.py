@@ -322,3 +322,27 @@ def test_van_loan_with_a_general_adjoint_start():
     expected = simpson(integrand, x=s, axis=0)
     got = van_loan(G, H, np.array([tau]), y, z)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_falls_back_where_the_rational_estimate_misses_rtol(monkeypatch):
+    """A rational march that completes with a summed estimate above rtol (here: its
+    integral estimate made to fail) is computed again on the polynomial path under "auto",
+    and refused under "rational"."""
+    from diagode_dist import _chain
+
+    add = _chain._LinkIntegral.add_integrals
+
+    def failing(self, acc, columns):
+        add(self, acc, columns)
+        acc.integral[0, columns] = np.inf
+
+    monkeypatch.setattr(_chain._LinkIntegral, "add_integrals", failing)
+    prob, theta = _laplacian_1d(60, 1e4)
+    assert choose_method("auto", prob.A0, 1e4, 30) == "rational"
+    with pytest.raises(dd.AccuracyError, match="exceeds rtol"):
+        dd.loss_and_grad(prob, theta, k=30, rtol=1e-8, method="rational")
+    _, grad, info = dd.loss_and_grad(prob, theta, k=30, rtol=1e-8, method="auto",
+                                     return_info=True)
+    assert info["method"] == "polynomial" and info["rtol_met"]
+    ref = exact_loss_and_grad(prob, theta)[1]
+    assert relative_error(grad, ref) <= 1e-7
