@@ -117,3 +117,15 @@ def test_stiff_sizes_are_squares():
         parser.parse_args(["--stiff-sizes", "4097"])
     with pytest.raises(argparse.ArgumentTypeError, match="stiff-sizes"):
         cli._square_sizes("4096,x")
+
+
+def test_stiff_tables_selects_the_tables():
+    parser = cli._parser()
+    assert parser.parse_args(["--stiff-tables", "flatness"]).stiff_tables == ("flatness",)
+    with pytest.raises(argparse.ArgumentTypeError, match="stiff-tables"):
+        cli._stiff_table_names("flatness,speed")
+    options = StiffOptions.quick()
+    options.tables, options.stiffnesses, options.dissipative = ("flatness",), (1e3,), True
+    text = stiff_tables(options, markdown=True, log=lambda line: None)
+    assert text.count("### ") == 2 and "reference" not in text  # no accuracy, no scaling
+    assert "dissipative" in text and "| ours" not in text
