@@ -405,7 +405,9 @@ def _shift_invert(prob, d):
     """(factorization of I - gamma (A - mu I), its space) for the rational method."""
     gamma = shift_for(prob.loss.obs_times)
     shift = rightmost_estimate(prob.A0, d, gamma)
-    space = ShiftInvertSpace(gamma, shift, prob.dtype, is_contractive(prob.A0, d),
+    # a Ritz value right of 0 already shows A is not contractive: no second factorization
+    horizon = 0.0 if shift > 0 else float(prob.loss.obs_times[-1])
+    space = ShiftInvertSpace(gamma, shift, prob.dtype, is_contractive(prob.A0, d, horizon),
                              prob.symmetric)
     return ShiftInvert(prob.A0, d, gamma, shift), space
 

@@ -38,10 +38,12 @@ def _dissipative_mse(stiffness, N=5, seed=6):
     return prob, theta
 
 
-def test_contractive_is_proven_only_for_a_dominant_diagonal():
-    A0, h = _grid_2d(4)
-    assert is_contractive(A0, np.full(16, -4.0 / h**2))
+def test_contractive_is_proven_by_gershgorin_or_by_the_pivots_of_the_symmetric_part():
+    A0, h = _grid_2d(4)  # its largest eigenvalue: 4 cos(pi h) / h^2 = 3.24 / h^2
+    assert is_contractive(A0, np.full(16, -4.0 / h**2))  # a dominant diagonal
     assert not is_contractive(A0, np.full(16, -3.9 / h**2))  # stable, but not by Gershgorin
+    assert is_contractive(A0, np.full(16, -3.9 / h**2), horizon=1.0)  # by the pivots
+    assert not is_contractive(A0, np.full(16, -3.0 / h**2), horizon=1.0)  # lambda_max > 0
     upwind = sp.csr_matrix(sp.diags([np.full(15, 3.0)], [1]))
     assert not is_contractive(upwind, np.full(16, -2.0))  # Gershgorin on (A + A^T) / 2: -2 + 3 > 0
     assert is_contractive(upwind, np.full(16, -3.0))
