@@ -85,12 +85,10 @@ class _Acceptor:
     starts from the values at each column's final dimension instead of recomputing them.
     """
 
-    def __init__(self, norms, tau, rtol, T, n_rows, space=None, reference=None):
-        """norms (c,) device; tau (c,) host steps; rtol, T floats; space: see march_forward;
-        reference: None, or (c,) device norms the estimates are relative to where the state
-        is smaller."""
+    def __init__(self, norms, tau, rtol, T, n_rows, space=None):
+        """norms (c,) device; tau (c,) host steps; rtol, T floats; space: see march_forward."""
         self.norms, self.tau_host, self.rtol, self.T = norms, tau, rtol, T
-        self.n_rows, self.space, self.reference = n_rows, space, reference
+        self.n_rows, self.space = n_rows, space
         self.tau = array_module(norms).asarray(tau, dtype=norms.dtype)  # float32 stays float32
         self.checks = {}  # dimension m -> (y (c, m), Estimate)
 
@@ -100,16 +98,13 @@ class _Acceptor:
         c = self.tau_host.size
         if rows is None or rows.size == c:
             y, est = _estimate(hessenberg[:, :-1, :], hessenberg[:, -1, -1], self.norms,
-                               self.tau, basis, self.n_rows, self.space,
-                               reference=self.reference)
+                               self.tau, basis, self.n_rows, self.space)
         else:
             xp = array_module(self.norms)
             sub = xp.asarray(rows)
             y_rows, est_rows = _estimate(hessenberg[sub, :-1, :], hessenberg[sub, -1, -1],
                                          self.norms[sub], self.tau[sub], basis[:, sub],
-                                         self.n_rows, self.space,
-                                         reference=None if self.reference is None
-                                         else self.reference[sub])
+                                         self.n_rows, self.space)
             y = xp.zeros((c, basis.shape[0]), dtype=y_rows.dtype)
             y[sub] = y_rows
             est = Estimate(np.full(c, np.nan), np.full(c, np.nan), est_rows.eps)
@@ -146,10 +141,8 @@ class _Acceptor:
                 est.put(rows, est_dim.take(rows))
         missing = np.nonzero(np.isnan(est.truncation))[0]
         if missing.size:
-            y_new, est_new = _relative_error(
-                _rows_of(proj, xp.asarray(missing)), self.tau_host[missing], self.n_rows,
-                self.space, None if self.reference is None
-                else self.reference[xp.asarray(missing)])
+            y_new, est_new = _relative_error(_rows_of(proj, xp.asarray(missing)),
+                                             self.tau_host[missing], self.n_rows, self.space)
             y[xp.asarray(missing)] = y_new
             est.put(missing, est_new)
         return y, est
@@ -189,17 +182,13 @@ class Estimate:
         self.rounding[rows] = other.rounding
 
 
-def _estimate(square, next_subdiag, norms, tau, basis, n_rows, space=None, dims=None,
-              reference=None):
-    """y = beta exp(tau H) e1 (c, m) and the relative Estimate of x(tau) = V[:n_rows] y
-    (relative to max(||x(tau)||, reference) with a reference (c,))."""
+def _estimate(square, next_subdiag, norms, tau, basis, n_rows, space=None, dims=None):
+    """y = beta exp(tau H) e1 (c, m) and the relative Estimate of x(tau) = V[:n_rows] y."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # refused below
-        return _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, dims,
-                                   reference)
+        return _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, dims)
 
 
-def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, dims,
-                        reference):
+def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, dims):
     xp = array_module(norms)
     if space is None:
         y, err = exp_and_error(square, next_subdiag, norms, tau, dims)
@@ -210,8 +199,6 @@ def _estimate_unchecked(square, next_subdiag, norms, tau, basis, n_rows, space, 
     floor = _ROUNDING * eps * (norms + xp.abs(y).sum(axis=1))
     # A state that underflows to zero (strong decay, float32) is measured against the start.
     size = xp.where(size > 0, size, norms)
-    if reference is not None:
-        size = xp.maximum(size, reference)
     finite = xp.isfinite(y).all(axis=1) & xp.isfinite(size) & xp.isfinite(err)
     growth_limit, safety = ((_GROWTH_LIMIT, _SAFETY) if space is None
                             else (space.growth_limit, space.safety))
@@ -227,12 +214,12 @@ def _eps(array) -> float:
     return float(np.finfo(array.dtype).eps)
 
 
-def _relative_error(proj, tau, n_rows, space=None, reference=None):
+def _relative_error(proj, tau, n_rows, space=None):
     """y and the relative Estimate per column at (host) steps tau."""
     xp = array_module(proj.norms)
     return _estimate(proj.square, proj.next_subdiag, proj.norms,
                      xp.asarray(tau, dtype=proj.norms.dtype), proj.basis, n_rows, space,
-                     proj.dims, reference)
+                     proj.dims)
 
 
 def _operator(proj, space):
@@ -326,7 +313,8 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
         keep = kept + projection_bytes(proj) <= keep_bytes
         if keep:
             kept += projection_bytes(proj)
-        reach = _reach_bounds(start[:, : N - 1], x_new, forcing_norms[active] * tau)
+        reach = (None if space is None  # only a shift-and-invert adjoint reads it
+                 else _reach_bounds(start[:, : N - 1], x_new, forcing_norms[active] * tau))
         intervals.append(Interval(active, tau, start, _owned(proj) if keep else None,
                                   proj.dims, stop, lanczos, coupling, reach, begin))
         acc.forward[active] += est.total
