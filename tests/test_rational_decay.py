@@ -133,3 +133,21 @@ def test_the_symmetric_bound_of_the_state_along_a_step():
     assert norms.max() <= bound[0, 1] * (1 + 1e-12)
     assert norms.max() <= bound[0, 0] * (1 + 1e-12)
     assert norms.min() < 0.5 * min(norms[0], norms[-1])  # not monotone itself
+
+
+def test_edge_weights_certified_by_the_integrals(monkeypatch):
+    """Edge-weight gradients read lambda(t) x(t)^T on the pattern's entries, as the diagonal's
+    do: certified by the integrals too (with the bound of ||x(t)|| for a general A, as W makes
+    A non-symmetric), against the exact reference."""
+    reach, used = _march._reach, []
+    monkeypatch.setattr(_march, "_reach", lambda *a: used.append(reach(*a)) or used[-1])
+    prob, theta_d = _dissipative_mse(1e4)
+    pattern = sp.csr_matrix(prob.A0 != 0, dtype=float)
+    param = dd.Stack(dd.SoftplusParam(), dd.EdgeParam(pattern, transform="identity"))
+    theta = np.concatenate([theta_d, np.zeros(pattern.nnz)])
+    _, grad, info = dd.loss_and_grad(prob, theta, param=param, k=30, rtol=1e-8,
+                                     method="rational", return_info=True)
+    ref = exact_loss_and_grad(prob, theta, param, precise=True)[1]
+    assert used and all(r is not None for r in used)
+    err = relative_error(grad, ref)
+    assert info["rtol_met"] and err <= 1e-7 and info["error_estimate"] >= err / 10, err
