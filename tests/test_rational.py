@@ -274,17 +274,25 @@ def test_rational_gradient_on_a_dissipative_grid_matches_the_exact_reference():
 
 
 def test_the_integral_check_refuses_a_space_wrong_along_its_step(monkeypatch):
-    """Without the underflow rule the dissipative grid's adjoint space is accepted at
-    dimension 4 again where the adjoint is followed relative to itself (dL/dx0 asked for);
-    the integrals' lag-2 difference (5e-3) then refuses the answer."""
+    """Without the underflow rule the state test accepts the dissipative grid's adjoint space
+    at dimension 4 again where the adjoint is followed relative to itself (dL/dx0 asked for).
+    The acceptor's integral test then grows the space, and the answer is right; without that
+    test too, the integrals' lag-2 difference (5e-3) refuses the answer."""
     from benchmarks.stiff import stiff_problem
     from diagode_dist import _chain, rational
 
     for module in (rational, _chain):
         monkeypatch.setattr(module, "_underflow", lambda array: 0.0)
     prob, theta = stiff_problem(16, 1e4, S=4, dissipative=True)
+    wrt = ("theta", "x0")
+    _, grads = dd.loss_and_grad(prob, theta, k=60, rtol=1e-8, method="rational", wrt=wrt)
+    ref = exact_loss_and_grad(prob, theta, precise=False)[1]
+    assert relative_error(grads["theta"], ref) <= 1e-7
+    monkeypatch.setattr(_chain._IntegralAcceptor, "__call__",
+                        lambda self, hessenberg, basis, rows=None:
+                        self.state_test(hessenberg, basis, rows))
     with pytest.raises(dd.AccuracyError, match="exceeds rtol"):
-        dd.loss_and_grad(prob, theta, k=60, rtol=1e-8, method="rational", wrt=("theta", "x0"))
+        dd.loss_and_grad(prob, theta, k=60, rtol=1e-8, method="rational", wrt=wrt)
 
 
 def test_a_column_accepted_early_keeps_its_own_subdiagonal():
