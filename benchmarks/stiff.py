@@ -150,7 +150,7 @@ class StiffOptions:
     threads: int = 2
     S: int = 64
     stiffness: float = 5000.0
-    tables: Sequence[str] = ("accuracy", "flatness", "scaling")
+    tables: Sequence[str] = STIFF_TABLES
 
     @classmethod
     def quick(cls) -> StiffOptions:

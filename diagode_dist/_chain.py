@@ -94,9 +94,10 @@ def adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, symmetric, max_s
         sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))
         H = _operator(sub, space)
         reference = _reference(acc, iv.columns[active], lam[rows])
+        norms = xp.linalg.norm(lam[rows], axis=1)
         state_test = None if reference is not None else _Acceptor(
-            xp.linalg.norm(lam[rows], axis=1), remaining, step_rtol, T, n, space)
-        accept = _IntegralAcceptor(lam[rows], remaining, step_rtol, T, H, space, reference,
+            norms, remaining, step_rtol, T, n, space)
+        accept = _IntegralAcceptor(norms, remaining, step_rtol, T, H, space, reference,
                                    state_test)
         adj, _ = adjoint_space(apply_T, lam[rows], remaining, step_rtol, T, k, symmetric, acc,
                                space, accept)
@@ -144,12 +145,11 @@ class _IntegralAcceptor:
     relative to the reference: its own relative accuracy at the step's end, which a decay by
     e^-240 puts out of reach, is not asked for."""
 
-    def __init__(self, start, remaining, rtol, T, H, space, reference, state_test=None):
-        """start (c, n) adjoint; remaining (c,) host; H (c, mf, mf) the forward's operator
-        over the interval (the step starts where it does); reference (c,) device, or None
-        with a ``state_test``."""
-        xp = array_module(start)
-        self.norms = xp.linalg.norm(start, axis=1)
+    def __init__(self, norms, remaining, rtol, T, H, space, reference, state_test=None):
+        """norms (c,) device: of the adjoint at the step's start; remaining (c,) host; H
+        (c, mf, mf) the forward's operator over the interval (the step starts where it does);
+        reference (c,) device, or None with a ``state_test``."""
+        self.norms = norms
         self.remaining, self.H, self.space, self.reference = remaining, H, space, reference
         self.tol = (1 - _ROUNDING_SHARE) * rtol * remaining / T
         self.state_test = state_test

@@ -51,9 +51,8 @@ class Interval:
     stop: np.ndarray  # (c_q,) index of the observation reached at t_{q+1}, or -1
     symmetric: bool = False  # built with Lanczos
     coupling: object = None  # (c_q,) 1 / eta, the balancing of the augmented coordinate
-    reach: np.ndarray | None = None  # (c_q, 2) host bounds of ||x(t)|| along the sub-step
-    # when ||exp(t A)|| <= 1: ||x(t_q)|| + tau ||f||, and for a symmetric A
-    # (||x(t_q)||^2 + ||x(t_q+1)||^2)^(1/2) (each eigencomponent is monotone in t)
+    reach: np.ndarray | None = None  # (c_q,) host bound of ||x(t)|| along the sub-step
+    # when ||exp(t A)|| <= 1 (``_reach_bounds``); only on the shift-and-invert path
     begin: np.ndarray | None = None  # (c_q,) host t_q
 
 
@@ -314,7 +313,8 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
         if keep:
             kept += projection_bytes(proj)
         reach = (None if space is None  # only a shift-and-invert adjoint reads it
-                 else _reach_bounds(start[:, : N - 1], x_new, forcing_norms[active] * tau))
+                 else _reach_bounds(start[:, : N - 1], x_new, forcing_norms[active] * tau,
+                                    space.symmetric))
         intervals.append(Interval(active, tau, start, _owned(proj) if keep else None,
                                   proj.dims, stop, lanczos, coupling, reach, begin))
         acc.forward[active] += est.total
@@ -324,12 +324,13 @@ def march_forward(make_apply, u0, obs_times, T, k, rtol, keep_bytes, symmetric=F
     return states, intervals, acc
 
 
-def _reach_bounds(x_start, x_end, forcing_steps):
-    """``Interval.reach`` (c, 2) host from the states at a sub-step's ends (c, n) and
-    tau ||f|| (c,) host."""
+def _reach_bounds(x_start, x_end, forcing_steps, symmetric):
+    """``Interval.reach`` (c,) host from the states at a sub-step's ends (c, n) and
+    tau ||f|| (c,) host: ||x(t_q)|| + tau ||f||, or for a symmetric A
+    (||x(t_q)||^2 + ||x(t_q+1)||^2)^(1/2) (each eigencomponent is monotone in t)."""
     xp = array_module(x_start)
     start, end = (to_numpy(xp.linalg.norm(x, axis=1)).astype(float) for x in (x_start, x_end))
-    return np.stack([start + forcing_steps, np.hypot(start, end)], axis=1)
+    return np.hypot(start, end) if symmetric else start + forcing_steps
 
 
 def projection_bytes(proj) -> int:
@@ -453,9 +454,8 @@ def _reach(intervals, c, space, extras):
     if not certified_by_integrals(space, extras):
         return None
     reach = np.zeros(c)
-    bound = 1 if space.symmetric else 0
     for iv in intervals:
-        np.maximum.at(reach, iv.columns, iv.reach[:, bound])
+        np.maximum.at(reach, iv.columns, iv.reach)
     return reach
 
 
@@ -506,8 +506,8 @@ def adjoint_space(apply_T, start, remaining, rtol, T, k, symmetric, acc, space,
                   accept=None):
     """(the adjoint Projection from the rows ``start`` (c, n) for steps up to ``remaining``,
     its _Acceptor), counted in ``acc``; ``accept`` replaces the default _Acceptor."""
-    norms = array_module(start).linalg.norm(start, axis=1)
     if accept is None:
+        norms = array_module(start).linalg.norm(start, axis=1)
         accept = _Acceptor(norms, remaining, rtol, T, start.shape[1], space)
     adj = arnoldi(apply_T, start, k, symmetric=symmetric, accept=accept)
     acc.adjoint_steps += 1
