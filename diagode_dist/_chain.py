@@ -46,16 +46,15 @@ from ._march import (
     _check_work,
     _diagonal_sum,
     _forward_coefficients,
-    _operator,
     _products,
     _rows_of,
     _van_loan_rounding,
     adjoint_space,
 )
 from .errors import AccuracyError
-from .expm import expm_batched
 from .krylov import combine
 from .rational import _underflow
+from .spectral import exp_apply, exp_rounding
 from .time_integral import van_loan
 
 _CANDIDATES = 0.5 ** np.arange(24)
@@ -92,7 +91,7 @@ def adjoint_interval(apply_T, fwd, iv, lam, n, T, k, rtol, acc, symmetric, max_s
         rows = xp.asarray(iv.columns[active])
         remaining = iv.tau[active] - elapsed[active]
         sub = fwd if active.size == iv.columns.size else _rows_of(fwd, xp.asarray(active))
-        H = _operator(sub, space)
+        H = space.spectral(sub.square, sub.dims)
         reference = _reference(acc, iv.columns[active], lam[rows])
         norms = xp.linalg.norm(lam[rows], axis=1)
         state_test = None if reference is not None else _Acceptor(
@@ -167,8 +166,8 @@ class _IntegralAcceptor:
         if m <= _LAG:
             return ok
         square = hessenberg[at, :-1, :]
-        G = self.space.operator(square)
-        G_small = self.space.operator(square, np.full(rows.size, m - _LAG))
+        G = self.space.spectral(square)
+        G_small = self.space.spectral(square, np.full(rows.size, m - _LAG))
         steps = xp.asarray(self.remaining[rows], dtype=square.dtype)
         H = self.H[at]
         unit = xp.zeros((rows.size, H.shape[-1]), dtype=square.dtype)
@@ -184,7 +183,7 @@ class _IntegralAcceptor:
         start = xp.zeros((rows.size, m), dtype=square.dtype)
         start[:, 0] = self.norms[at]
         taus = self.remaining[rows, None]
-        y, y_small = (_advance(op, start, taus) for op in (G, G_small))
+        y, y_small = (exp_apply(op, taus, start) for op in (G, G_small))
         trunc, _ = _estimates(y, y_small, start, float(np.finfo(square.dtype).eps),
                               self.reference[at])
         ok[rows] = (ratio <= self.tol[rows]) & (trunc[:, 0] <= self.tol[rows])
@@ -197,8 +196,8 @@ class _Lagged:
     too small to compare with a smaller one (unknown)."""
 
     def __init__(self, adj, space):
-        self.operator = space.operator(adj.square, adj.dims)
-        self.smaller = space.operator(adj.square, np.maximum(adj.dims - _LAG, 1))
+        self.operator = space.spectral(adj.square, adj.dims)
+        self.smaller = space.spectral(adj.square, np.maximum(adj.dims - _LAG, 1))
         self.exact = to_numpy(adj.next_subdiag == 0)  # an invariant subspace: no error
         self.unknown = (adj.dims <= _LAG) & ~self.exact
 
@@ -208,8 +207,9 @@ class _LinkIntegral:
 
     def __init__(self, adj, fwd, H, space, remaining, columns, n, acc, extras, begin):
         """adj, fwd: the adjoint and forward Projections of the chain's columns (chunk indices
-        ``columns``), H the forward's projected operator; remaining (c,) host: adjoint time
-        left in the forward interval, which begins at times ``begin`` (c,) host."""
+        ``columns``), H the forward's projected operator (``spectral.Spectral``); remaining
+        (c,) host: adjoint time left in the forward interval, which begins at times ``begin``
+        (c,) host."""
         self.adj, self.fwd, self.remaining, self.columns = adj, fwd, remaining, columns
         self.n, self.acc, self.extras, self.begin = n, acc, extras, begin
         self.H = H
@@ -262,9 +262,9 @@ class _LinkIntegral:
         self.size[live] += to_numpy(xp.linalg.norm(M, axis=(1, 2)))
         WM = _products(adj.basis, M)
         if self.extras is not None:  # reads W M before the diagonal reuses it in place
-            self.extras.substep(self.columns[live], adj, WM, fwd, tau, G, start)
+            self.extras.substep(self.columns[live], adj, WM, fwd, tau, G.matrix, start)
         self.grad += _diagonal_sum(WM, fwd.basis[:, :, : self.n])
-        self.acc.adjoint[self.columns[live]] += _van_loan_rounding(G, tau, H)
+        self.acc.adjoint[self.columns[live]] += _van_loan_rounding(G, tau, H, y_start, z_start)
 
     def _smaller(self, picked, steps, y_start, y_norm, start_small):
         """The link's integral (norms applied) with the adjoint space two dimensions smaller,
@@ -361,10 +361,11 @@ def _pick_steps(operators, starts, rest, tol, rate, eps, exact, unknown, referen
             break
         rows = xp.asarray(todo)
         taus = rest[todo, None] * _CANDIDATES[None, lo:hi]  # (c_t, J)
-        y, y_small = (_advance(op[rows], z[rows], taus)
+        y, y_small = (exp_apply(op[rows], taus, z[rows])
                       for op, z in zip(operators, starts, strict=True))
+        rounding = exp_rounding(operators[0][rows], taus, starts[0][rows])
         trunc, floor = _estimates(y, y_small, starts[0][rows], eps,
-                                  None if reference is None else reference[rows])
+                                  None if reference is None else reference[rows], rounding)
         trunc[exact[todo]] = 0.0
         trunc[unknown[todo]] = np.inf
         budget = np.maximum(_ROUNDING_SHARE * rate * taus, 8 * _ROUNDING * eps)
@@ -379,21 +380,10 @@ def _pick_steps(operators, starts, rest, tol, rate, eps, exact, unknown, referen
     return pick
 
 
-def _advance(operator, start, taus):
-    """exp(tau_j A) start for every candidate: operator (c, m, m), start (c, m), taus (c, J)
-    host -> (c, J, m)."""
-    xp = array_module(operator)
-    scaled = xp.asarray(taus, dtype=operator.dtype)[:, :, None, None] * operator[:, None]
-    finite = xp.isfinite(operator).all(axis=(1, 2))
-    with np.errstate(over="ignore", invalid="ignore"):
-        E = expm_batched(xp.where(finite[:, None, None, None], scaled, 0.0))
-        y = (E @ start[:, None, :, None])[..., 0]
-    return xp.where(finite[:, None, None], y, xp.nan)
-
-
-def _estimates(y, y_small, start, eps, reference=None):
+def _estimates(y, y_small, start, eps, reference=None, rounding=None):
     """Relative truncation (lag-2 difference) and rounding floor (eps times the norms that
-    cancel in exp(tau A_m) start) of each candidate, host (c, J); inf where not finite.
+    cancel in exp(tau A_m) start, plus ``rounding`` (c, J) host: the eigendecomposition's,
+    ``spectral.exp_rounding``) of each candidate, host (c, J); inf where not finite.
     Relative to the state delivered, or to reference (c,) where that is larger."""
     xp = array_module(y)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -407,7 +397,10 @@ def _estimates(y, y_small, start, eps, reference=None):
             size = xp.maximum(size, reference[:, None])
         scale = xp.where(size > 0, size, 1.0)
         trunc = xp.linalg.norm(y - y_small, axis=2) / scale
-        floor = _ROUNDING * eps * (start_norm + xp.abs(y).sum(axis=2)) / scale
+        floor = _ROUNDING * eps * (start_norm + xp.abs(y).sum(axis=2))
+        if rounding is not None:
+            floor = floor + xp.asarray(rounding, dtype=floor.dtype)
+        floor = floor / scale
         finite = xp.isfinite(y).all(axis=2) & xp.isfinite(trunc) & ~lost
         both = xp.where(finite[None], xp.stack([trunc, floor]), xp.inf)
     both = to_numpy(both).astype(float)

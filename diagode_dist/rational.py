@@ -36,8 +36,8 @@ import scipy.sparse.linalg as spla
 
 from ._array import array_module, is_sparse, to_numpy
 from .errors import AccuracyError
-from .expm import expm_batched
 from .krylov import arnoldi
+from .spectral import Spectral, decompose, exp_apply, exp_rounding
 
 METHODS = ("auto", "polynomial", "rational")
 """Values of the ``method`` option of ``loss_and_grad``."""
@@ -322,10 +322,19 @@ class ShiftInvertSpace:
             inverse = xp.linalg.inv(padded)
         return xp.where(keep, (eye - inverse) / self.gamma + self.shift * eye, 0.0)
 
+    def spectral(self, square, dims=None) -> Spectral:
+        """A_m of H_m (c, m, m) as a ``spectral.Spectral``: the formed matrix (``operator``)
+        and, where H is well diagonalizable, its eigensystem, from which exponentials lose
+        eps (1 + tau / gamma) instead of the eps tau ||A_m|| of scaling and squaring."""
+        c, m, _ = square.shape
+        dims = np.full(c, m) if dims is None else np.asarray(dims)
+        return decompose(square, dims, self.operator(square, dims), self.gamma, self.shift)
+
     def exp_and_error(self, square, next_subdiag, norms, tau, dims=None):
         """y = beta exp(tau A_m) e1 (c, m) and err (c,) = ||y - y_{m-2}||, the difference to
         the answer of the space of dimension m - 2 (inf where m <= 2; 0 where h_{m+1,m} = 0,
-        an invariant subspace: exact).
+        an invariant subspace: exact), plus the rounding of the eigendecomposition where y
+        comes from it (``spectral.exp_rounding``).
 
         A state that underflowed (below finfo.tiny / eps, where gradual underflow eats its
         digits) from a nonzero start gets err = inf: the difference of two such states
@@ -337,11 +346,11 @@ class ShiftInvertSpace:
         xp = array_module(square)
         c, m, _ = square.shape
         dims = np.full(c, m) if dims is None else np.asarray(dims)
-        y = self._coefficients(square, dims, norms, tau)
+        y, rounding = self._coefficients(square, dims, norms, tau)
         smaller = dims - _LAG
-        y_small = self._coefficients(square, np.maximum(smaller, 1), norms, tau)
+        y_small, _ = self._coefficients(square, np.maximum(smaller, 1), norms, tau)
         with np.errstate(over="ignore", invalid="ignore"):
-            err = xp.linalg.norm(y - y_small, axis=1)
+            err = xp.linalg.norm(y - y_small, axis=1) + rounding
         lost = (xp.linalg.norm(y, axis=1) < _underflow(y)) & (norms > 0)
         err = xp.where(lost, xp.inf, err)
         err = xp.where(xp.asarray(smaller >= 1), err, xp.inf)
@@ -349,13 +358,17 @@ class ShiftInvertSpace:
         return y, err
 
     def _coefficients(self, square, dims, norms, tau):
-        """beta exp(tau A_dims) e1 per column, zero beyond its dimension (c, m)."""
+        """beta exp(tau A_dims) e1 per column, zero beyond its dimension (c, m), and the
+        rounding of the eigendecomposition (c,) device (0 where the matrix serves)."""
         xp = array_module(square)
-        A = self.operator(square, dims)
-        finite = xp.isfinite(A).all(axis=(1, 2))
-        A = xp.where(finite[:, None, None], A, 0.0)
-        E = expm_batched(tau[:, None, None] * A)
-        return xp.where(finite[:, None], norms[:, None] * E[:, :, 0], xp.nan)
+        c, m, _ = square.shape
+        op = self.spectral(square, dims)
+        unit = xp.zeros((c, m), dtype=square.dtype)
+        unit[:, 0] = 1.0
+        taus = to_numpy(tau).astype(float)[:, None]
+        y = exp_apply(op, taus, unit)[:, 0, :] * norms[:, None]
+        rounding = xp.asarray(exp_rounding(op, taus, unit)[:, 0], dtype=square.dtype)
+        return y, rounding * norms
 
 
 def _underflow(array) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ._array import array_module
 from .expm import expm_batched, expm_block_upper
+from .spectral import Spectral, van_loan_eigen
 
 
 def van_loan(G, H, tau, y_start, z_start=None):
@@ -26,7 +27,12 @@ def van_loan(G, H, tau, y_start, z_start=None):
     step spans the whole forward interval); z_start : (c, ma) unit adjoint coefficients at the
     sub-step's start (default e1). The coupling block becomes z_start y_start^T.
     Returns M_unit (c, ma, mf) = M / (gamma ||y(start)||).
+    G and H may be ``spectral.Spectral`` (shift-and-invert spaces): then the columns where both
+    eigendecompositions are used are computed from them (``spectral.van_loan_eigen``).
     """
+    if isinstance(G, Spectral):
+        M = van_loan(G.matrix, H.matrix, tau, y_start, z_start)
+        return van_loan_eigen(M, G, H, tau, y_start, z_start)
     xp = array_module(G)
     scale = tau[:, None, None]
     if z_start is None:

@@ -58,7 +58,9 @@ def test_classification_on_a_dissipative_grid_matches_the_exact_reference(stiffn
     from benchmarks.stiff import stiff_problem
 
     prob, theta = stiff_problem(16, stiffness, S=4, dissipative=True)
-    loss_ref, grad_ref = exact_loss_and_grad(prob, theta, precise=False)
+    # At ||TA|| = 1e5 SciPy's expm is off by eps ||TA|| (1.7e-11 measured), more than the
+    # answer (2.8e-15): ball arithmetic there (29 s), SciPy below.
+    loss_ref, grad_ref = exact_loss_and_grad(prob, theta, precise=stiffness >= 1e5)
     loss, grad, info = dd.loss_and_grad(prob, theta, k=30, rtol=1e-8, method="rational",
                                         return_info=True)
     err = relative_error(grad, grad_ref)
