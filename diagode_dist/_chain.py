@@ -54,7 +54,7 @@ from ._march import (
 from .errors import AccuracyError
 from .krylov import combine
 from .rational import _underflow
-from .spectral import exp_apply, exp_rounding
+from .spectral import exp_and_rounding, exp_apply
 from .time_integral import van_loan
 
 _CANDIDATES = 0.5 ** np.arange(24)
@@ -361,9 +361,8 @@ def _pick_steps(operators, starts, rest, tol, rate, eps, exact, unknown, referen
             break
         rows = xp.asarray(todo)
         taus = rest[todo, None] * _CANDIDATES[None, lo:hi]  # (c_t, J)
-        y, y_small = (exp_apply(op[rows], taus, z[rows])
-                      for op, z in zip(operators, starts, strict=True))
-        rounding = exp_rounding(operators[0][rows], taus, starts[0][rows])
+        y, rounding = exp_and_rounding(operators[0][rows], taus, starts[0][rows])
+        y_small = exp_apply(operators[1][rows], taus, starts[1][rows])
         trunc, floor = _estimates(y, y_small, starts[0][rows], eps,
                                   None if reference is None else reference[rows], rounding)
         trunc[exact[todo]] = 0.0
@@ -383,7 +382,7 @@ def _pick_steps(operators, starts, rest, tol, rate, eps, exact, unknown, referen
 def _estimates(y, y_small, start, eps, reference=None, rounding=None):
     """Relative truncation (lag-2 difference) and rounding floor (eps times the norms that
     cancel in exp(tau A_m) start, plus ``rounding`` (c, J) host: the eigendecomposition's,
-    ``spectral.exp_rounding``) of each candidate, host (c, J); inf where not finite.
+    ``spectral.exp_and_rounding``) of each candidate, host (c, J); inf where not finite.
     Relative to the state delivered, or to reference (c,) where that is larger."""
     xp = array_module(y)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):

@@ -15,7 +15,7 @@ import numpy as np
 from ._array import array_module, basis_combine, to_numpy
 from .errors import AccuracyError
 from .krylov import Projection, arnoldi, combine, exp_and_error
-from .spectral import Spectral, exp_apply, matrix_of, van_loan_rounding
+from .spectral import exp_apply, matrix_of, van_loan_choice
 from .time_integral import trapezoid, van_loan
 
 MAX_SUBSTEPS = 5_000
@@ -518,17 +518,17 @@ def adjoint_space(apply_T, start, remaining, rtol, T, k, symmetric, acc, space,
 def _van_loan_rounding(G, sigma, H, y_start=None, z_start=None):
     """Relative rounding of the step's Van Loan integral (host (c,)) of the projected adjoint
     and forward operators G, H (c, m, m): scaling and squaring of a stiff block loses about
-    0.1 eps sigma ||G||_1 (measured: 5e-11 at sigma ||G|| = 1e6). Where both are
-    ``spectral.Spectral`` with their eigensystems used, ``spectral.van_loan_rounding`` of
-    the step from unit coefficients y_start (c, mf) and z_start (c, ma) (None: e1)."""
+    0.1 eps sigma ||G||_1 (measured: 5e-11 at sigma ||G|| = 1e6). Where the eigensystems of
+    ``spectral.Spectral`` operators compute it, their charge (``spectral.van_loan_choice``,
+    of the step from unit coefficients y_start (c, mf) and z_start (c, ma); None: e1)."""
     A, B = matrix_of(G), matrix_of(H)
     xp = array_module(A)
     eps = _eps(A)
     size = xp.maximum(xp.abs(A).sum(axis=1).max(axis=1), xp.abs(B).sum(axis=1).max(axis=1))
     value = 0.1 * eps * sigma * to_numpy(size).astype(float)
-    if isinstance(G, Spectral):
-        eigen = van_loan_rounding(G, H, sigma, y_start, z_start)
-        value = np.where(np.isnan(eigen), value, eigen)
+    if y_start is not None:
+        eigen, charge = van_loan_choice(G, H, sigma, y_start, z_start)
+        value = np.where(eigen, charge, value)
     return value
 
 

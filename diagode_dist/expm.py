@@ -17,7 +17,7 @@ _B = (
     129060195264000.0, 10559470521600.0, 670442572800.0, 33522128640.0,
     1323241920.0, 40840800.0, 960960.0, 16380.0, 182.0, 1.0,
 )
-_THETA13 = 5.371920351148152
+THETA13 = 5.371920351148152
 
 
 def expm_batched(a):
@@ -63,7 +63,7 @@ def _squaring_rows(squarings, xp):
 def _squarings(norm1, xp):
     """Squarings per matrix: the smallest j >= 0 with ||a / 2^j||_1 <= theta_13. A non-finite
     norm gets 0 (its result is NaN anyway) instead of a count that would never end on CUDA."""
-    ratio = xp.maximum(norm1 / _THETA13, 1.0)
+    ratio = xp.maximum(norm1 / THETA13, 1.0)
     squarings = xp.ceil(xp.log2(xp.where(xp.isfinite(ratio), ratio, 1.0))).astype(xp.int64)
     return xp.clip(squarings, 0, 1100)
 

@@ -37,7 +37,7 @@ import scipy.sparse.linalg as spla
 from ._array import array_module, is_sparse, to_numpy
 from .errors import AccuracyError
 from .krylov import arnoldi
-from .spectral import Spectral, decompose, exp_apply, exp_rounding
+from .spectral import Spectral, decompose, exp_and_rounding
 
 METHODS = ("auto", "polynomial", "rational")
 """Values of the ``method`` option of ``loss_and_grad``."""
@@ -334,7 +334,7 @@ class ShiftInvertSpace:
         """y = beta exp(tau A_m) e1 (c, m) and err (c,) = ||y - y_{m-2}||, the difference to
         the answer of the space of dimension m - 2 (inf where m <= 2; 0 where h_{m+1,m} = 0,
         an invariant subspace: exact), plus the rounding of the eigendecomposition where y
-        comes from it (``spectral.exp_rounding``).
+        comes from it (``spectral.exp_and_rounding``).
 
         A state that underflowed (below finfo.tiny / eps, where gradual underflow eats its
         digits) from a nonzero start gets err = inf: the difference of two such states
@@ -366,8 +366,9 @@ class ShiftInvertSpace:
         unit = xp.zeros((c, m), dtype=square.dtype)
         unit[:, 0] = 1.0
         taus = to_numpy(tau).astype(float)[:, None]
-        y = exp_apply(op, taus, unit)[:, 0, :] * norms[:, None]
-        rounding = xp.asarray(exp_rounding(op, taus, unit)[:, 0], dtype=square.dtype)
+        y, rounding = exp_and_rounding(op, taus, unit)
+        y = y[:, 0, :] * norms[:, None]
+        rounding = xp.asarray(rounding[:, 0], dtype=square.dtype)
         return y, rounding * norms
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._array import array_module, to_numpy
-from .expm import expm_batched
+from .expm import THETA13, expm_batched
 
 COND_LIMIT = 1e4
 """Largest 2-norm condition number of the eigenvector matrix P for which the decomposition
@@ -141,13 +141,6 @@ def _norm1(matrix) -> np.ndarray:
     return np.where(np.isfinite(size), size, np.inf)
 
 
-def uses_eigen(operator, taus) -> np.ndarray:
-    """(c, J) host bools: where ``exp_apply`` takes exp(tau_j A) from the eigensystem."""
-    if not isinstance(operator, Spectral):
-        return np.zeros(np.shape(taus), dtype=bool)
-    return operator.ok[:, None] & (np.asarray(taus) * operator.size[:, None] >= EIGEN_FROM)
-
-
 def matrix_of(operator):
     """The formed operator (c, m, m) of a Spectral, or the array itself."""
     return operator.matrix if isinstance(operator, Spectral) else operator
@@ -168,22 +161,55 @@ def phi1(z):
         return xp.where(small, series, (xp.exp(far) - 1.0) / far)
 
 
+def _candidates(operator, taus) -> np.ndarray:
+    """(c, J) host bools: where the eigensystem may serve exp(tau_j A) (tau ||A_m||_1 >=
+    EIGEN_FROM and the decomposition usable)."""
+    if not isinstance(operator, Spectral):
+        return np.zeros(np.shape(taus), dtype=bool)
+    return operator.ok[:, None] & (np.asarray(taus) * operator.size[:, None] >= EIGEN_FROM)
+
+
+def _squaring_rounding(size, taus, eps):
+    """Relative rounding of scaling and squaring exp(tau A) e.g. for ||A||_1 = size (c,):
+    each of the log2(tau ||A||_1 / theta_13) squarings doubles it."""
+    return eps * np.maximum(np.asarray(taus) * size[:, None] / THETA13, 1.0)
+
+
 def exp_apply(operator, taus, start):
     """exp(tau_j A) start for every step: operator (c, m, m) array or Spectral, taus (c, J)
     host, start (c, m) -> (c, J, m) real; NaN where the operator or the result is not finite.
-    From the eigensystem where ``uses_eigen``, else by scaling and squaring.
     """
+    return exp_and_rounding(operator, taus, start)[0]
+
+
+def exp_and_rounding(operator, taus, start):
+    """``exp_apply`` and its absolute rounding (c, J) host beyond the 2 eps floor of a
+    well-scaled product. From the eigensystem where it is usable, the step long
+    (tau ||A_m||_1 >= EIGEN_FROM) and its charged rounding (``_eigen_rounding``) below that of
+    scaling and squaring, eps tau ||A_m||_1 / theta_13 (measured on random non-normal H with
+    cond(P) ~ 25: the eigensystem lost 5e-13 where the matrix lost 1e-13; its charge said
+    5e-11). Elsewhere by scaling and squaring, charged 0 (its rounding shows in the lag-2
+    difference of two such exponentials, as it always has)."""
     A = matrix_of(operator)
     xp = array_module(A)
     taus = to_numpy(taus).astype(float)
     y = _exp_apply_matrix(A, taus, start)
-    eigen = uses_eigen(operator, taus)
-    if eigen.any():
-        host = np.nonzero(eigen.any(axis=1))[0]
+    rounding = np.zeros(taus.shape)
+    candidates = _candidates(operator, taus)
+    if candidates.any():
+        host = np.nonzero(candidates.any(axis=1))[0]
         at = xp.asarray(host)
-        mask = xp.asarray(eigen[host])[:, :, None]
-        y[at] = xp.where(mask, _exp_apply_spectral(operator[at], taus[host], start[at]), y[at])
-    return y
+        sub = operator[at]
+        eigen = _exp_apply_spectral(sub, taus[host], start[at])
+        charge = _eigen_rounding(sub, taus[host], start[at])
+        eps = float(np.finfo(A.dtype).eps)
+        with np.errstate(invalid="ignore"):
+            size = to_numpy(xp.linalg.norm(eigen, axis=2)).astype(float)
+            better = candidates[host] & (charge < _squaring_rounding(sub.size, taus[host],
+                                                                       eps) * size)
+        y[at] = xp.where(xp.asarray(better)[:, :, None], eigen, y[at])
+        rounding[host] = np.where(better, charge, 0.0)
+    return y, rounding
 
 
 def _exp_apply_matrix(A, taus, start):
@@ -206,9 +232,9 @@ def _exp_apply_spectral(op: Spectral, taus, start):
     return y.real.astype(start.dtype)
 
 
-def exp_rounding(operator, taus, start, eigen=None):
-    """Absolute rounding (c, J) host of ``exp_apply`` beyond the 2 eps floor of a well-scaled
-    product: 0 where scaling and squaring served. From the eigensystem, each mode's own share:
+def _eigen_rounding(operator: Spectral, taus, start):
+    """Absolute rounding (c, J) host of exp(tau_j A) start from the eigensystem, beyond the
+    2 eps floor of a well-scaled product (operator.ok everywhere). Each mode's own share:
     its eigenvalue theta_i is exact for H + E with ||E|| <= eps ||H||, off by up to
     eps kappa_i ||H||, which moves lambda_i by that / (gamma |theta_i|^2) and the mode's size
     |c_i e^(tau lambda_i)| ||x_i|| by tau times as much; and 2 eps kappa_i for its combination;
@@ -217,11 +243,7 @@ def exp_rounding(operator, taus, start, eigen=None):
     error of one mode feeding another) are left to the lag-2 difference, which compares two
     independently rounded decompositions: bounded with absolute values they overestimated
     80-fold against random eps-perturbations of H (5e-15 measured, 4e-13 bounded, on the
-    64 x 64 grid at ||TA|| = 5000). ``eigen`` (c, J) host bools: where the eigensystem
-    served (default ``uses_eigen``)."""
-    eigen = uses_eigen(operator, taus) if eigen is None else eigen
-    if not eigen.any():
-        return np.zeros(np.shape(taus))
+    64 x 64 grid at ||TA|| = 5000)."""
     xp = array_module(operator.values)
     eps = float(np.finfo(operator.dtype).eps)
     steps = xp.asarray(to_numpy(taus), dtype=operator.kappa.dtype)  # (c, J)
@@ -234,8 +256,7 @@ def exp_rounding(operator, taus, start, eigen=None):
         slope = norm / (operator.gamma * xp.abs(operator.theta[:, None, :]) ** 2)
         modes = (weights[:, None, :] * size * (steps[:, :, None] * slope + 2.0)).sum(axis=2)
         coefficients = 2.0 * start_norm * (operator.kappa[:, None, :] * size).max(axis=2)
-    total = to_numpy(modes + coefficients).astype(float)
-    return np.where(eigen, eps * total, 0.0)
+    return eps * to_numpy(modes + coefficients).astype(float)
 
 
 def divided_difference(g, h, tau):
@@ -253,23 +274,49 @@ def divided_difference(g, h, tau):
 
 def van_loan_eigen(M, G: Spectral, H: Spectral, tau, y_start, z_start=None):
     """Overwrite, in ``time_integral.van_loan``'s block-exponential result M (c, ma, mf), the
-    columns where both decompositions are used with M = P_G [(a b^T) o D] P_H^T,
-    a = P_G^{-1} z, b = P_H^{-1} y, D_ij = int_0^tau e^{(tau - s) g_i} e^{s h_j} ds
-    = tau e^{tau g_i} phi1(tau (h_j - g_i)) (or with g and h exchanged: the larger real part
-    outside phi1, so that phi1's argument has Re <= 0). Returns M."""
+    columns where the eigensystems serve (``van_loan_choice``) with
+    M = P_G [(a b^T) o D] P_H^T, a = P_G^{-1} z, b = P_H^{-1} y,
+    D_ij = int_0^tau e^{(tau - s) g_i} e^{s h_j} ds (``divided_difference``). Returns M."""
     xp = array_module(y_start)
-    both = _eigen_van_loan(G, H, tau)
-    if both.any():
-        at = xp.asarray(np.nonzero(both)[0])
+    better, _ = van_loan_choice(G, H, to_numpy(tau).astype(float), y_start, z_start)
+    if better.any():
+        at = xp.asarray(np.nonzero(better)[0])
         z = None if z_start is None else z_start[at]
         M[at] = _van_loan_eigen(G[at], H[at], tau[at], y_start[at], z)
     return M
 
 
-def _eigen_van_loan(G: Spectral, H: Spectral, tau) -> np.ndarray:
-    """(c,) host bools: where ``van_loan_eigen`` computes the step's integral."""
-    steps = to_numpy(tau).astype(float)
-    return G.ok & H.ok & (steps * np.maximum(G.size, H.size) >= EIGEN_FROM)
+def van_loan_choice(G, H, sigma, y_start, z_start=None):
+    """Where the eigensystems compute a step's Van Loan integral, (c,) host bools, and their
+    relative rounding there (c,) host (NaN elsewhere): both usable, the step long, and the
+    charge below the block exponential's, 0.1 eps sigma max(||G||_1, ||H||_1)
+    (``_march._van_loan_rounding``). The integral reads the adjoint and forward states along
+    the step, so their relative roundings at its end add, plus eps m for the combination.
+    sigma (c,) host; y_start (c, mf), z_start (c, ma) or None (e1)."""
+    c = np.shape(sigma)[0]
+    charge = np.full(c, math.nan)
+    if not (isinstance(G, Spectral) and isinstance(H, Spectral)):
+        return np.zeros(c, dtype=bool), charge
+    size = np.maximum(G.size, H.size)
+    candidates = G.ok & H.ok & (np.asarray(sigma) * size >= EIGEN_FROM)
+    if not candidates.any():
+        return candidates, charge
+    xp = array_module(y_start)
+    host = np.nonzero(candidates)[0]
+    at = xp.asarray(host)
+    eps = float(np.finfo(G.dtype).eps)
+    z = xp.zeros(G.shape[:2], dtype=y_start.dtype) if z_start is None else z_start
+    if z_start is None:
+        z[:, 0] = 1.0
+    taus = np.asarray(sigma, dtype=float)[host, None]
+    charge[host] = eps * max(G.shape[-1], H.shape[-1])
+    for op, start in ((G[at], z[at]), (H[at], y_start[at])):
+        end = _exp_apply_spectral(op, taus, start)[:, 0]
+        norm = xp.maximum(xp.linalg.norm(end, axis=1), xp.linalg.norm(start, axis=1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            charge[host] += _eigen_rounding(op, taus, start)[:, 0] / to_numpy(norm)
+    better = candidates & (charge < 0.1 * eps * np.asarray(sigma) * size)
+    return better, np.where(better, charge, math.nan)
 
 
 def _van_loan_eigen(G: Spectral, H: Spectral, tau, y_start, z_start):
@@ -286,23 +333,3 @@ def _van_loan_eigen(G: Spectral, H: Spectral, tau, y_start, z_start):
     return M.real.astype(y_start.dtype)
 
 
-def van_loan_rounding(G: Spectral, H: Spectral, sigma, y_start, z_start=None) -> np.ndarray:
-    """Relative rounding (c,) host of ``van_loan_eigen``'s columns: the integral reads the
-    adjoint and forward states along the step, so their relative roundings at its end
-    (``exp_rounding``) add, plus eps m for the combination; NaN where the block exponential
-    serves (the caller charges its rounding). y_start (c, mf), z_start (c, ma) or None (e1)."""
-    xp = array_module(y_start)
-    eps = float(np.finfo(G.dtype).eps)
-    if z_start is None:
-        z_start = xp.zeros(G.shape[:2], dtype=y_start.dtype)
-        z_start[:, 0] = 1.0
-    taus = np.asarray(sigma, dtype=float)[:, None]
-    both = _eigen_van_loan(G, H, sigma)
-    relative = []
-    for op, start in ((G, z_start), (H, y_start)):
-        end = xp.linalg.norm(exp_apply(op, taus, start)[:, 0], axis=1)
-        size = to_numpy(xp.maximum(end, xp.linalg.norm(start, axis=1))).astype(float)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            relative.append(exp_rounding(op, taus, start, both[:, None])[:, 0] / size)
-    value = relative[0] + relative[1] + eps * max(G.shape[-1], H.shape[-1])
-    return np.where(both, value, math.nan)
