@@ -86,7 +86,7 @@ def _stiff(args: argparse.Namespace) -> str:
     options.peers = not args.no_peers
     options.dissipative = args.stiff_dissipative
     options.threads = args.threads
-    for name in ("grid", "sizes", "budget", "mem_gib", "tables"):
+    for name in ("grid", "sizes", "budget", "mem_gib", "tables", "polynomial_rtols"):
         value = getattr(args, f"stiff_{name}")
         if value is not None:
             setattr(options, name, value)
@@ -175,6 +175,21 @@ def _stiff_table_names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _rtol_list(text: str) -> tuple[float, ...]:
+    """"1e-8,1e-12" -> (1e-8, 1e-12); "none" -> () (no rows)."""
+    if text.strip() == "none":
+        return ()
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0 < value < 1 for value in values):
+        raise argparse.ArgumentTypeError(
+            f"--stiff-polynomial-rtols: expected rtols in (0, 1), comma-separated, or none, "
+            f"got {text!r}")
+    return values
+
+
 def _square_sizes(text: str) -> tuple[int, ...]:
     """n values of 2-D grids ("4096,16384") -> their sides m (n = m^2)."""
     try:
@@ -206,6 +221,9 @@ def _stiff_options(parser: argparse.ArgumentParser) -> None:
                        help="which tables: accuracy (ours, the polynomial path and the peers "
                        "against the reference), flatness (time against ||TA||), scaling (time "
                        "and memory against n); comma-separated, default all")
+    group.add_argument("--stiff-polynomial-rtols", type=_rtol_list, default=None,
+                       help="rtols of the polynomial path's rows in the accuracy table "
+                       "(default 1e-8,1e-12; none: no such rows)")
     group.add_argument("--stiff-dissipative", action="store_true",
                        help="also the dissipative variant (u in [0, 1], every eigenvalue < 0)")
 

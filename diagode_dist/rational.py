@@ -18,7 +18,9 @@ spectrum in the left half-plane, and a pole among the eigenvalues makes the spac
 bound proves A dissipative, else the rightmost Ritz value of a short shift-and-invert Arnoldi.
 
 and everything downstream (sub-steps, observation times, the Van Loan integral, the diagonal
-gradient) works on A_m exactly as on the polynomial Hessenberg.
+gradient) works on A_m exactly as on the polynomial Hessenberg. Its exponentials over long
+steps are taken from the eigensystem of H rather than from the formed A_m, whose entries are
+of the size of ||A|| (``spectral``: scaling and squaring would lose eps tau ||A||).
 
 Error estimate: the difference between the approximations from the spaces of dimension m and
 m - 2 (the leading block of H_m is the Hessenberg of the smaller space), an estimate of the
@@ -263,14 +265,16 @@ class ShiftInvertSpace:
     can sit below the true error; the lag-2 difference estimates the error of the space two
     dimensions smaller, already an overestimate while the space converges (checked against the
     exact reference in tests/test_rational.py), and a factor on top would multiply the
-    rounding noise of exp(tau A_m), ||tau A_m|| ~ ||tau A||, into a floor above rtol = 1e-12
-    (measured: dimension 52 where 22 suffices, then refused, on a 32 x 32 grid at ||TA|| =
-    5000)."""
+    rounding noise of the exponentials into a floor (measured, when they were all taken by
+    scaling and squaring, whose noise is eps ||tau A_m|| / 5: dimension 52 where 22 suffices,
+    then refused, on a 32 x 32 grid at ||TA|| = 5000 and rtol = 1e-12)."""
 
     adjoint_share = 0.8
     """Share of rtol an adjoint step's Krylov estimate may take. The rest is kept for the
-    rounding of the step's Van Loan integral, 0.1 eps sigma ||A_m||_1, which for one step over
-    a whole interval grows with ||TA|| (the polynomial path's sub-steps keep it near k eps)."""
+    rounding of the step's Van Loan integral: 0.1 eps sigma ||A_m||_1 by a block exponential,
+    which for one step over a whole interval grows with ||TA|| (the polynomial path's
+    sub-steps keep it near k eps), or what the eigensystems charge where they compute it
+    (``spectral.van_loan_choice``)."""
 
     def __init__(self, gamma: float, shift: float = 0.0, dtype=np.float64,
                  contractive: bool = False, symmetric: bool = False):

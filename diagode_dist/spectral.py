@@ -102,11 +102,11 @@ def decompose(square, dims, matrix, gamma: float, shift: float) -> Spectral:
     vectors = np.broadcast_to(np.eye(m, dtype=cplx), (c, m, m)).copy()
     inverse = vectors.copy()
     cond = np.full(c, np.inf)
-    for d in np.unique(dims):  # a loop over distinct dimensions (a few), not over columns
+    for d in np.unique(dims[dims >= 1]):  # a loop over distinct dimensions, not over columns
         at = np.nonzero(dims == d)[0]
         block = H[at, :d, :d]
         usable = np.isfinite(block).all(axis=(1, 2)) & (np.abs(block[:, :, 0]).sum(axis=1) > 0)
-        if d < 1 or not usable.any():
+        if not usable.any():  # a zero start projects to H = 0: A_m = 0, from the matrix
             continue
         at, block = at[usable], block[usable]
         with np.errstate(all="ignore"):

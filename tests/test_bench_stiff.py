@@ -119,6 +119,21 @@ def test_stiff_sizes_are_squares():
         cli._square_sizes("4096,x")
 
 
+def test_stiff_polynomial_rtols_selects_the_polynomial_rows():
+    parser = cli._parser()
+    assert parser.parse_args([]).stiff_polynomial_rtols is None
+    args = parser.parse_args(["--stiff-polynomial-rtols", "1e-8,1e-12"])
+    assert args.stiff_polynomial_rtols == (1e-8, 1e-12)
+    assert parser.parse_args(["--stiff-polynomial-rtols", "none"]).stiff_polynomial_rtols == ()
+    for bad in ("1e-8,x", "2", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="stiff-polynomial-rtols"):
+            cli._rtol_list(bad)
+    options = StiffOptions.quick()
+    options.tables, options.peers, options.polynomial_rtols = ("accuracy",), False, ()
+    text = stiff_tables(options, markdown=True, log=lambda line: None)
+    assert "| ours rational" in text and "| ours polynomial" not in text
+
+
 def test_stiff_tables_selects_the_tables():
     parser = cli._parser()
     assert parser.parse_args(["--stiff-tables", "flatness"]).stiff_tables == ("flatness",)
