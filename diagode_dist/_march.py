@@ -75,6 +75,9 @@ class Accuracy:
     time t changes the integrals still to come by at most r x reach x t."""
     reference: np.ndarray | None = None
     """(c,) with reach: the largest adjoint norm of the march so far (``_chain``)."""
+    unread_end: bool = False
+    """lambda(0) is read by nothing (neither dL/dx0 nor dL/dF asked for): a shift-and-invert
+    adjoint over the interval that ends at t = 0 is certified by its integrals (``_chain``)."""
 
 
 class _Acceptor:
@@ -412,6 +415,7 @@ def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
     if extras is not None:
         extras.start(jumps.shape[1], xp, jumps.dtype)
     acc.reach = _reach(intervals, jumps.shape[1], space, extras) if by_integrals else None
+    acc.unread_end = by_integrals and not reads_adjoint(extras)
     for iv in reversed(intervals):
         hit = iv.stop >= 0
         if hit.any():
@@ -436,9 +440,13 @@ def march_adjoint(make_apply, apply_T, intervals, jumps, n, T, k, rtol, acc,
 
 def certified_by_integrals(space, extras) -> bool:
     """Whether the adjoint march may be certified by the integrals it feeds (``_reach``)."""
-    if not getattr(space, "contractive", False):
-        return False
-    return extras is None or not (extras.needs_initial or extras.integral)
+    return getattr(space, "contractive", False) and not reads_adjoint(extras)
+
+
+def reads_adjoint(extras) -> bool:
+    """Whether something reads the adjoint itself, not only lambda(t) x(t)^T: lambda(0)
+    (dL/dx0) or its integral alone (dL/dF)."""
+    return extras is not None and bool(extras.needs_initial or extras.integral)
 
 
 def _reach(intervals, c, space, extras):
@@ -543,13 +551,10 @@ def _forward_coefficients(H, norms, begin):
     """Unit forward coefficients y(a)/||y(a)|| at forward-local times a (c,), and ||y(a)||,
     of the projected forward operators H (c, m, m) started from norms (c,) times e1."""
     xp = array_module(norms)
-    m = H.shape[-1]
-    if not begin.any():  # the whole interval: y(0) = beta e1
-        unit = xp.zeros((norms.shape[0], m), dtype=norms.dtype)
-        unit[:, 0] = 1.0
-        return unit, norms
-    unit = xp.zeros((norms.shape[0], m), dtype=norms.dtype)
+    unit = xp.zeros((norms.shape[0], H.shape[-1]), dtype=norms.dtype)
     unit[:, 0] = 1.0
+    if not begin.any():  # the whole interval: y(0) = beta e1
+        return unit, norms
     y = exp_apply(H, np.asarray(begin, dtype=float)[:, None], unit)[:, 0]
     y_norm = xp.linalg.norm(y, axis=1)
     return y / xp.where(y_norm > 0, y_norm, 1.0)[:, None], y_norm * norms

@@ -28,9 +28,9 @@ from ._checks import check_int
 from ._march import (
     MAX_SUBSTEPS,
     Accuracy,
-    certified_by_integrals,
     march_adjoint,
     march_forward,
+    reads_adjoint,
 )
 from .errors import AccuracyError
 from .param import OperatorTerms, SoftplusParam, as_operator_param
@@ -489,10 +489,11 @@ def _chunk_adjoint(fwd: _ChunkForward, jumps, k, rtol, time_integral, quad_point
                                by_integrals)
         return grad_d, acc
 
-    # A contractive operator's adjoint is first certified by the integrals it feeds (fast
-    # under strong decay, but its bounds can be too loose for a tight rtol); where that
-    # refuses, it is followed relative to itself, as everywhere else.
-    if not certified_by_integrals(fwd.space, extras):
+    # Where only lambda(t) x(t)^T is read, the adjoint is first certified by the integrals it
+    # feeds (a contractive operator's all along, fast under strong decay, but its bounds can
+    # be too loose for a tight rtol; any operator's over the interval that ends at t = 0);
+    # where that refuses, it is followed relative to itself, as everywhere else.
+    if reads_adjoint(extras):
         return march(False)
     try:
         grad_d, acc = march(True)

@@ -231,6 +231,25 @@ def test_the_pole_is_moved_right_of_the_spectrum():
     assert info["substeps"] == 1 and info["forward_dim"] <= 20, info
 
 
+def test_last_interval_adjoint_is_certified_by_its_integrals_unless_lambda0_is_read():
+    """On a growing operator, the adjoint over the interval that ends at t = 0 delivers
+    lambda(0), which only dL/dx0 and dL/dF read: without them the adjoint space is accepted on
+    its Van Loan integrals (a smaller space), with x0 asked for it stays right relative to
+    itself; both right against ball arithmetic at rtol 1e-12."""
+    prob, theta, _ = _pole_on_an_eigenvalue()
+    _, ref = exact_loss_and_grad(prob, theta, precise=True, wrt=("theta", "x0"))
+    _, grad, info = dd.loss_and_grad(prob, theta, k=60, rtol=1e-12, method="rational",
+                                     return_info=True)
+    _, both, info_x0 = dd.loss_and_grad(prob, theta, k=60, rtol=1e-12, method="rational",
+                                        return_info=True, wrt=("theta", "x0"))
+    assert info["rtol_met"] and info_x0["rtol_met"]
+    assert info["adjoint_dim"] < info_x0["adjoint_dim"], (info, info_x0)
+    for got, estimate in ((grad, info), (both["theta"], info_x0)):
+        err = relative_error(got, ref["theta"])
+        assert err <= 1e-12 and estimate["error_estimate"] >= err / 10, err
+    assert relative_error(both["x0"], ref["x0"]) <= 1e-12
+
+
 def test_a_dissipative_operator_gets_no_shift():
     """Gershgorin proves a 1-D Laplacian with absorption dissipative: mu = 0; with a potential
     that makes some rows non-dissipative, mu is the (positive or zero) rightmost estimate."""
