@@ -170,8 +170,8 @@ def _candidates(operator, taus) -> np.ndarray:
 
 
 def _squaring_rounding(size, taus, eps):
-    """Relative rounding of scaling and squaring exp(tau A) e.g. for ||A||_1 = size (c,):
-    each of the log2(tau ||A||_1 / theta_13) squarings doubles it."""
+    """Relative rounding (c, J) of exp(tau_j A) by scaling and squaring, ||A||_1 = size (c,):
+    each of its log2(tau ||A||_1 / theta_13) squarings doubles it."""
     return eps * np.maximum(np.asarray(taus) * size[:, None] / THETA13, 1.0)
 
 
