@@ -61,7 +61,7 @@ from ._march import (
 from .errors import AccuracyError
 from .krylov import combine
 from .rational import _underflow
-from .spectral import exp_and_rounding, exp_apply
+from .spectral import exp_and_rounding, exp_apply, van_loan_choice
 from .time_integral import van_loan
 
 _CANDIDATES = 0.5 ** np.arange(24)
@@ -272,7 +272,9 @@ class _LinkIntegral:
         z_norm = xp.linalg.norm(start, axis=1)
         z_start = start / xp.where(z_norm > 0, z_norm, 1.0)[:, None]
         steps = xp.asarray(tau, dtype=start.dtype)
-        M = van_loan(G, H, steps, y_start, z_start) * (z_norm * y_norm)[:, None, None]
+        choice = van_loan_choice(G, H, tau, y_start, z_start)  # once for both uses
+        M = van_loan(G, H, steps, y_start, z_start, eigen=choice[0])
+        M *= (z_norm * y_norm)[:, None, None]
         other = self._smaller(picked, steps, y_start, y_norm, start_small)
         self.diff[live] += to_numpy(xp.linalg.norm(M - other, axis=(1, 2)))
         self.size[live] += to_numpy(xp.linalg.norm(M, axis=(1, 2)))
@@ -280,7 +282,7 @@ class _LinkIntegral:
         if self.extras is not None:  # reads W M before the diagonal reuses it in place
             self.extras.substep(self.columns[live], adj, WM, fwd, tau, G.matrix, start)
         self.grad += _diagonal_sum(WM, fwd.basis[:, :, : self.n])
-        self.acc.adjoint[self.columns[live]] += _van_loan_rounding(G, tau, H, y_start, z_start)
+        self.acc.adjoint[self.columns[live]] += _van_loan_rounding(G, tau, H, choice)
 
     def _smaller(self, picked, steps, y_start, y_norm, start_small):
         """The link's integral (norms applied) with the adjoint space two dimensions smaller,

@@ -15,7 +15,7 @@ import numpy as np
 from ._array import array_module, basis_combine, to_numpy
 from .errors import AccuracyError
 from .krylov import Projection, arnoldi, combine, exp_and_error
-from .spectral import exp_apply, matrix_of, van_loan_choice
+from .spectral import exp_apply, matrix_of
 from .time_integral import trapezoid, van_loan
 
 MAX_SUBSTEPS = 5_000
@@ -523,19 +523,19 @@ def adjoint_space(apply_T, start, remaining, rtol, T, k, symmetric, acc, space,
     return adj, accept
 
 
-def _van_loan_rounding(G, sigma, H, y_start=None, z_start=None):
+def _van_loan_rounding(G, sigma, H, choice=None):
     """Relative rounding of the step's Van Loan integral (host (c,)) of the projected adjoint
     and forward operators G, H (c, m, m): scaling and squaring of a stiff block loses about
     0.1 eps sigma ||G||_1 (measured: 5e-11 at sigma ||G|| = 1e6). Where the eigensystems of
-    ``spectral.Spectral`` operators compute it, their charge (``spectral.van_loan_choice``,
-    of the step from unit coefficients y_start (c, mf) and z_start (c, ma); None: e1)."""
+    ``spectral.Spectral`` operators compute it, their charge: ``choice`` is the step's
+    ``spectral.van_loan_choice`` (where, charge)."""
     A, B = matrix_of(G), matrix_of(H)
     xp = array_module(A)
     eps = _eps(A)
     size = xp.maximum(xp.abs(A).sum(axis=1).max(axis=1), xp.abs(B).sum(axis=1).max(axis=1))
     value = 0.1 * eps * sigma * to_numpy(size).astype(float)
-    if y_start is not None:
-        eigen, charge = van_loan_choice(G, H, sigma, y_start, z_start)
+    if choice is not None:
+        eigen, charge = choice
         value = np.where(eigen, charge, value)
     return value
 

@@ -15,7 +15,7 @@ computed from H, loses only about eps cond(P) (1 + tau / gamma) on those modes (
 same grid: lag-2 differences down to 1e-14 and answers consistent to 1e-14 from dimension 22
 to 60). The stiff modes (theta small) get larger eigenvalue errors, exactly as they do in the
 formed A_m, where they sit in H^{-1}; their contribution to the exponential is small whenever
-tau |lambda| is large, and the rounding charged here (``Spectral.rounding``) counts it.
+tau |lambda| is large, and the rounding charged here (``_eigen_rounding``) counts it.
 
 The decomposition is used for a column where H restricted to its dimension is diagonalizable
 with cond(P) <= ``COND_LIMIT``; elsewhere (a zero start, a nearly defective H) the formed A_m
@@ -193,22 +193,28 @@ def exp_and_rounding(operator, taus, start):
     A = matrix_of(operator)
     xp = array_module(A)
     taus = to_numpy(taus).astype(float)
-    y = _exp_apply_matrix(A, taus, start)
+    c, m = start.shape
+    y = xp.empty((c, taus.shape[1], m), dtype=xp.result_type(A.dtype, start.dtype))
     rounding = np.zeros(taus.shape)
+    better = np.zeros(taus.shape, dtype=bool)
     candidates = _candidates(operator, taus)
     if candidates.any():
         host = np.nonzero(candidates.any(axis=1))[0]
         at = xp.asarray(host)
         sub = operator[at]
-        eigen = _exp_apply_spectral(sub, taus[host], start[at])
+        y[at] = _exp_apply_spectral(sub, taus[host], start[at])
         charge = _eigen_rounding(sub, taus[host], start[at])
         eps = float(np.finfo(A.dtype).eps)
         with np.errstate(invalid="ignore"):
-            size = to_numpy(xp.linalg.norm(eigen, axis=2)).astype(float)
-            better = candidates[host] & (charge < _squaring_rounding(sub.size, taus[host],
-                                                                       eps) * size)
-        y[at] = xp.where(xp.asarray(better)[:, :, None], eigen, y[at])
-        rounding[host] = np.where(better, charge, 0.0)
+            size = to_numpy(xp.linalg.norm(y[at], axis=2)).astype(float)
+            better[host] = candidates[host] & (
+                charge < _squaring_rounding(sub.size, taus[host], eps) * size)
+        rounding[host] = np.where(better[host], charge, 0.0)
+    rest = np.nonzero(~better.all(axis=1))[0]  # scaling and squaring only where it serves
+    if rest.size:
+        at = xp.asarray(rest)
+        matrix = _exp_apply_matrix(A[at], taus[rest], start[at])
+        y[at] = xp.where(xp.asarray(better[rest])[:, :, None], y[at], matrix)
     return y, rounding
 
 
@@ -272,20 +278,6 @@ def divided_difference(g, h, tau):
         return t * xp.exp(outer) * phi1(inner - outer)
 
 
-def van_loan_eigen(M, G: Spectral, H: Spectral, tau, y_start, z_start=None):
-    """Overwrite, in ``time_integral.van_loan``'s block-exponential result M (c, ma, mf), the
-    columns where the eigensystems serve (``van_loan_choice``) with
-    M = P_G [(a b^T) o D] P_H^T, a = P_G^{-1} z, b = P_H^{-1} y,
-    D_ij = int_0^tau e^{(tau - s) g_i} e^{s h_j} ds (``divided_difference``). Returns M."""
-    xp = array_module(y_start)
-    better, _ = van_loan_choice(G, H, to_numpy(tau).astype(float), y_start, z_start)
-    if better.any():
-        at = xp.asarray(np.nonzero(better)[0])
-        z = None if z_start is None else z_start[at]
-        M[at] = _van_loan_eigen(G[at], H[at], tau[at], y_start[at], z)
-    return M
-
-
 def van_loan_choice(G, H, sigma, y_start, z_start=None):
     """Where the eigensystems compute a step's Van Loan integral, (c,) host bools, and their
     relative rounding there (c,) host (NaN elsewhere): both usable, the step long, and the
@@ -319,7 +311,10 @@ def van_loan_choice(G, H, sigma, y_start, z_start=None):
     return better, np.where(better, charge, math.nan)
 
 
-def _van_loan_eigen(G: Spectral, H: Spectral, tau, y_start, z_start):
+def van_loan_eigen(G: Spectral, H: Spectral, tau, y_start, z_start=None):
+    """``time_integral.van_loan`` from the eigensystems (all columns usable):
+    M = P_G [(a b^T) o D] P_H^T, a = P_G^{-1} z, b = P_H^{-1} y,
+    D_ij = int_0^tau e^{(tau - s) g_i} e^{s h_j} ds (``divided_difference``)."""
     cplx = G.values.dtype
     if z_start is None:
         a = G.inverse[:, :, 0]

@@ -14,12 +14,14 @@ them (||g|| can be 1e-6).
 
 from __future__ import annotations
 
-from ._array import array_module
+import numpy as np
+
+from ._array import array_module, to_numpy
 from .expm import expm_batched, expm_block_upper
-from .spectral import Spectral, van_loan_eigen
+from .spectral import Spectral, van_loan_choice, van_loan_eigen
 
 
-def van_loan(G, H, tau, y_start, z_start=None):
+def van_loan(G, H, tau, y_start, z_start=None, eigen=None):
     """Exact integral over an adjoint sub-step of length tau.
 
     G : (c, ma, ma) adjoint Hessenberg; H : (c, mf, mf) forward Hessenberg; tau : (c,) steps;
@@ -27,12 +29,12 @@ def van_loan(G, H, tau, y_start, z_start=None):
     step spans the whole forward interval); z_start : (c, ma) unit adjoint coefficients at the
     sub-step's start (default e1). The coupling block becomes z_start y_start^T.
     Returns M_unit (c, ma, mf) = M / (gamma ||y(start)||).
-    G and H may be ``spectral.Spectral`` (shift-and-invert spaces): then the columns where both
-    eigendecompositions are used are computed from them (``spectral.van_loan_eigen``).
+    G and H may be ``spectral.Spectral`` (shift-and-invert spaces): then the columns ``eigen``
+    ((c,) host bools; default ``spectral.van_loan_choice``) are computed from their
+    eigensystems (``spectral.van_loan_eigen``), the others from the block exponential.
     """
     if isinstance(G, Spectral):
-        M = van_loan(G.matrix, H.matrix, tau, y_start, z_start)
-        return van_loan_eigen(M, G, H, tau, y_start, z_start)
+        return _van_loan_by_columns(G, H, tau, y_start, z_start, eigen)
     xp = array_module(G)
     scale = tau[:, None, None]
     if z_start is None:
@@ -41,6 +43,23 @@ def van_loan(G, H, tau, y_start, z_start=None):
     else:
         coupling = z_start[:, :, None] * y_start[:, None, :]
     _, M = expm_block_upper(scale * G, scale * coupling, scale * H.transpose(0, 2, 1))
+    return M
+
+
+def _van_loan_by_columns(G, H, tau, y_start, z_start, eigen):
+    xp = array_module(y_start)
+    if eigen is None:
+        eigen, _ = van_loan_choice(G, H, to_numpy(tau).astype(float), y_start, z_start)
+    M = xp.empty((G.shape[0], G.shape[1], H.shape[1]), dtype=G.dtype)
+    for rows, spectral in ((np.nonzero(~eigen)[0], False), (np.nonzero(eigen)[0], True)):
+        if not rows.size:
+            continue
+        at = xp.asarray(rows)
+        z = None if z_start is None else z_start[at]
+        if spectral:
+            M[at] = van_loan_eigen(G[at], H[at], tau[at], y_start[at], z)
+        else:
+            M[at] = van_loan(G.matrix[at], H.matrix[at], tau[at], y_start[at], z)
     return M
 
 
